@@ -1,0 +1,156 @@
+"""Helpers shared by the tests: DICOM objects built in memory, a pynetdicom SCU, free ports."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pynetdicom import AE, build_context
+from pynetdicom.sop_class import Verification
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_image(
+    pixels: np.ndarray | None = None,
+    *,
+    rows: int = 256,
+    cols: int = 200,
+    bits: int = 16,
+    stored: int | None = None,
+    photometric: str = "MONOCHROME2",
+    sop_class: str = CR_STORAGE,
+    modality: str = "CR",
+    body_part: str | None = "CHEST",
+    view: str | None = "PA",
+    slope: float | None = None,
+    intercept: float | None = None,
+    window: tuple[float, float] | None = None,
+    patient_name: str = "Test^Patient",
+    patient_id: str = "TEST-0001",
+    seed: int = 0,
+) -> Dataset:
+    """A small greyscale radiograph with realistic header fields and file meta."""
+    if pixels is None:
+        rng = np.random.default_rng(seed)
+        hi = (1 << (stored or bits)) - 1
+        yy, xx = np.mgrid[0:rows, 0:cols]
+        pixels = ((yy / rows) * 0.6 * hi + rng.integers(0, max(hi // 8, 1), (rows, cols))).astype(
+            np.uint16 if bits == 16 else np.uint8
+        )
+    rows, cols = pixels.shape
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.AccessionNumber = "ACC0001"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = "20261126"
+    ds.StudyTime = "101500"
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Modality = modality
+    if body_part:
+        ds.BodyPartExamined = body_part
+    if view:
+        ds.ViewPosition = view
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = bits
+    ds.BitsStored = stored or bits
+    ds.HighBit = (stored or bits) - 1
+    ds.PixelRepresentation = 0
+    if slope is not None or intercept is not None:
+        ds.RescaleSlope = slope if slope is not None else 1
+        ds.RescaleIntercept = intercept if intercept is not None else 0
+        ds.RescaleType = "US"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    return ds
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def send(
+    datasets: Iterable[Dataset],
+    port: int,
+    *,
+    calling: str = "TESTSCU",
+    called: str = "CXRTRIAGE",
+    transfer_syntax: str | None = None,
+) -> list[int | None]:
+    """C-STORE each data set over one association; returns each status (None: not sent)."""
+    datasets = list(datasets)
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    seen: set[tuple[str, str]] = set()
+    for ds in datasets:
+        ts = transfer_syntax or str(ds.file_meta.TransferSyntaxUID)
+        key = (str(ds.SOPClassUID), ts)
+        if key not in seen:
+            seen.add(key)
+            ae.add_requested_context(key[0], key[1])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return [None] * len(datasets)
+    out: list[int | None] = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            out.append(int(status.Status) if status and "Status" in status else None)
+    finally:
+        assoc.release()
+    return out
+
+
+def echo(port: int, *, calling: str = "TESTSCU", called: str = "CXRTRIAGE") -> int | None:
+    """C-ECHO; the status, or None when no association could be made."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if status and "Status" in status else None
+    finally:
+        assoc.release()
+
+
+def requested(sop_class: str, ts: str):  # pragma: no cover - small convenience
+    return build_context(sop_class, ts)

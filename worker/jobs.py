@@ -1,0 +1,546 @@
+"""The triage database, which is also the work queue.
+
+One row per SOP Instance UID (PS3.3 C.12.1.1.1: the UID identifies the instance, so a re-send
+is the same instance, recorded but never queued twice). The row is born ``queued`` in the same
+commit that lets the listener answer the C-STORE with success, so there is no moment where an
+acknowledged object is on disk but not in the queue.
+
+States::
+
+    queued -> running -> done | skipped | failed
+               ^   |
+               +---+  (attempt failed with attempts left, or the lease expired)
+
+``running`` rows carry a lease (owner, expiry): a worker that dies leaves jobs that the next
+claim takes over once the lease has expired. Claiming is one transaction: ``BEGIN IMMEDIATE``
+on SQLite (one writer at a time, WAL lets readers go on), ``SELECT ... FOR UPDATE SKIP
+LOCKED`` on PostgreSQL so that several workers share a queue without taking the same job.
+
+Refused C-STOREs and re-sends are rows of ``intake_events``, so every failure has a reason a
+person can read, even when the object never reached the spool.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> dt.datetime:
+    """Timezone-aware UTC now (all timestamps in the database are UTC)."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class State(str, enum.Enum):
+    """Job states; every non-success state carries a reason."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp stored as UTC and always returned timezone-aware (UTC).
+
+    SQLite has no time zones: values are stored as naive UTC so that SQL comparisons (lease
+    expiry) compare like with like; PostgreSQL stores ``timestamptz``.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Instance(Base):
+    """One received SOP instance and its screening job."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    transfer_syntax: Mapped[str] = mapped_column(String(64), nullable=False)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(255), nullable=False)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    receive_count: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default=State.QUEUED.value)
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False)
+    last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    predicted_class: Mapped[str | None] = mapped_column(String(32))
+    probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    top_probability: Mapped[float | None] = mapped_column(Float)
+    priority: Mapped[str | None] = mapped_column(String(16))
+    triage_reason: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    model_precision: Mapped[str | None] = mapped_column(String(8))
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
+
+    __table_args__ = (
+        Index("ix_instances_state_id", "state", "id"),
+        Index("ix_instances_state_lease", "state", "lease_expires"),
+        Index("ix_instances_received_at", "received_at"),
+    )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stable JSON shape of ``cxr-triage query --format json``."""
+
+        def iso(v: dt.datetime | None) -> str | None:
+            return v.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if v else None
+
+        return {
+            "sop_instance_uid": self.sop_instance_uid,
+            "sop_class_uid": self.sop_class_uid,
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "accession_number": self.accession_number,
+            "modality": self.modality,
+            "state": self.state,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "receive_count": self.receive_count,
+            "predicted_class": self.predicted_class,
+            "probabilities": self.probabilities,
+            "priority": self.priority,
+            "triage_reason": self.triage_reason,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "model_precision": self.model_precision,
+            "received_at": iso(self.received_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "transfer_syntax": self.transfer_syntax,
+            "calling_ae": self.calling_ae,
+        }
+
+
+class IntakeEvent(Base):
+    """Something at intake that is not a plain new instance: a refusal or a re-send.
+
+    A refused C-STORE leaves the object with its sender (it got a failure status), and this row
+    says why, so that nothing is refused silently.
+    """
+
+    __tablename__ = "intake_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)  # refused | duplicate | duplicate_differs | association_rejected
+    status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status returned, if any
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128))  # as received (sanitised), may be invalid
+    sop_class_uid: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat().replace("+00:00", "Z"),
+            "kind": self.kind,
+            "status": f"0x{self.status:04X}" if self.status is not None else None,
+            "calling_ae": self.calling_ae,
+            "peer": self.peer,
+            "sop_instance_uid": self.sop_instance_uid,
+            "sop_class_uid": self.sop_class_uid,
+            "reason": self.reason,
+        }
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def make_engine(url: str) -> Engine:
+    """Create the SQLAlchemy engine with the pragmas durability needs.
+
+    SQLite: WAL (readers never block the writer), ``synchronous=FULL`` (a commit is on disk
+    before the C-STORE is acknowledged; NORMAL may lose the last commits on power loss),
+    a busy timeout, and ``BEGIN IMMEDIATE`` for every transaction so that a claim takes the
+    write lock up front instead of failing on upgrade from a read lock.
+    """
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (run on every start; cheap when current)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("worker") / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+@dataclass
+class Database:
+    """The engine plus a session factory, opened once per process."""
+
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    @classmethod
+    def open(cls, url: str, *, upgrade: bool = True) -> "Database":
+        engine = make_engine(url)
+        if upgrade:
+            migrate(engine)
+        return cls(engine, sessionmaker(engine, expire_on_commit=False))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# --------------------------------------------------------------------------- intake
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the listener knows about one stored object."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    accession_number: str | None
+    modality: str | None
+    transfer_syntax: str
+    calling_ae: str | None
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+def find(db: Database, sop_instance_uid: str) -> Instance | None:
+    """The row of one instance, or None."""
+    with db.sessions() as s:
+        return s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
+def enqueue(db: Database, item: Received, now: dt.datetime | None = None) -> Instance:
+    """Record a newly stored object as a queued job (one commit)."""
+    now = now or utcnow()
+    row = Instance(
+        sop_instance_uid=item.sop_instance_uid,
+        sop_class_uid=item.sop_class_uid,
+        study_instance_uid=item.study_instance_uid,
+        series_instance_uid=item.series_instance_uid,
+        accession_number=item.accession_number,
+        modality=item.modality,
+        transfer_syntax=item.transfer_syntax,
+        calling_ae=item.calling_ae,
+        path=item.path,
+        size_bytes=item.size_bytes,
+        sha256=item.sha256,
+        receive_count=1,
+        state=State.QUEUED.value,
+        attempts=0,
+        received_at=now,
+        last_received_at=now,
+    )
+    with db.sessions.begin() as s:
+        s.add(row)
+    return row
+
+
+def record_resend(db: Database, sop_instance_uid: str, sha256: str, calling_ae: str | None, peer: str | None) -> bool:
+    """Count a re-send of a known instance; return True when its content is identical.
+
+    The first object kept is the one screened (as Orthanc does by default); a re-send with
+    different bytes is recorded as ``duplicate_differs`` so that a person can look at it.
+    """
+    now = utcnow()
+    with db.sessions.begin() as s:
+        row = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+        if row is None:
+            return False
+        row.receive_count += 1
+        row.last_received_at = now
+        same = row.sha256 == sha256
+        s.add(
+            IntakeEvent(
+                at=now,
+                kind="duplicate" if same else "duplicate_differs",
+                status=0x0000,
+                calling_ae=calling_ae,
+                peer=peer,
+                sop_instance_uid=sop_instance_uid,
+                sop_class_uid=row.sop_class_uid,
+                reason="re-send of a stored instance; acknowledged, not queued again"
+                if same
+                else "re-send with different content; the first received object is kept",
+            )
+        )
+        return same
+
+
+def record_event(
+    db: Database,
+    kind: str,
+    reason: str,
+    *,
+    status: int | None = None,
+    calling_ae: str | None = None,
+    peer: str | None = None,
+    sop_instance_uid: str | None = None,
+    sop_class_uid: str | None = None,
+) -> None:
+    """Record an intake event; never raises (it is called from network handlers)."""
+
+    def clip(v: str | None, n: int) -> str | None:
+        if v is None:
+            return None
+        v = "".join(c if c.isprintable() else "?" for c in str(v))
+        return v[:n]
+
+    try:
+        with db.sessions.begin() as s:
+            s.add(
+                IntakeEvent(
+                    at=utcnow(),
+                    kind=kind,
+                    status=status,
+                    calling_ae=clip(calling_ae, 16),
+                    peer=clip(peer, 64),
+                    sop_instance_uid=clip(sop_instance_uid, 128),
+                    sop_class_uid=clip(sop_class_uid, 128),
+                    reason=reason,
+                )
+            )
+    except Exception:  # pragma: no cover - the database itself is failing
+        log.exception("could not record intake event %s", kind)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job handed to one worker under a lease."""
+
+    id: int
+    sop_instance_uid: str
+    path: str
+    attempts: int
+
+
+def claim_batch(
+    db: Database, n: int, owner: str, lease_seconds: int, now: dt.datetime | None = None
+) -> list[Claimed]:
+    """Atomically take up to ``n`` jobs: expired leases first, then the oldest queued.
+
+    One transaction; on PostgreSQL the rows are locked with SKIP LOCKED so concurrent workers
+    take disjoint sets; on SQLite ``BEGIN IMMEDIATE`` serialises claimers.
+    Both queries walk an index on (state, ...) so claiming does not slow down as the table grows.
+    """
+    now = now or utcnow()
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    with db.sessions.begin() as s:
+        ids: list[int] = list(
+            s.scalars(
+                select(Instance.id)
+                .where(Instance.state == State.RUNNING.value, Instance.lease_expires < now)
+                .order_by(Instance.lease_expires)
+                .limit(n)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        if len(ids) < n:
+            ids += list(
+                s.scalars(
+                    select(Instance.id)
+                    .where(Instance.state == State.QUEUED.value)
+                    .order_by(Instance.id)
+                    .limit(n - len(ids))
+                    .with_for_update(skip_locked=True)
+                )
+            )
+        if not ids:
+            return []
+        s.execute(
+            update(Instance)
+            .where(Instance.id.in_(ids))
+            .values(
+                state=State.RUNNING.value,
+                lease_owner=owner,
+                lease_expires=expires,
+                attempts=Instance.attempts + 1,
+                started_at=now,
+            )
+        )
+        rows = s.execute(
+            select(Instance.id, Instance.sop_instance_uid, Instance.path, Instance.attempts)
+            .where(Instance.id.in_(ids))
+            .order_by(Instance.id)
+        ).all()
+    return [Claimed(r.id, r.sop_instance_uid, r.path, r.attempts) for r in rows]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the pipeline decided for one claimed job."""
+
+    job_id: int
+    state: State
+    reason: str | None = None
+    predicted_class: str | None = None
+    probabilities: dict[str, float] | None = None
+    priority: str | None = None
+    triage_reason: str | None = None
+    timings: dict[str, float] | None = None
+
+
+def finish(
+    db: Database,
+    owner: str,
+    outcomes: Iterable[Outcome],
+    *,
+    model_name: str | None,
+    model_version: str | None,
+    model_precision: str | None,
+    max_attempts: int,
+    now: dt.datetime | None = None,
+) -> int:
+    """Store the outcomes of a batch in one commit; return how many were applied.
+
+    Only jobs still leased by ``owner`` are updated (a fence: a worker that lost its lease
+    must not overwrite the work of the one that took over). A ``failed`` outcome with attempts
+    left goes back to ``queued`` with its reason kept, so a person can see the last error.
+    """
+    now = now or utcnow()
+    applied = 0
+    with db.sessions.begin() as s:
+        for o in outcomes:
+            row = s.get(Instance, o.job_id)
+            if row is None or row.state != State.RUNNING.value or row.lease_owner != owner:
+                log.warning("job %s: lease lost before finishing; outcome dropped", o.job_id)
+                continue
+            row.reason = o.reason
+            row.timings = o.timings
+            row.lease_owner = None
+            row.lease_expires = None
+            if o.state is State.FAILED and row.attempts < max_attempts:
+                row.state = State.QUEUED.value
+                row.reason = f"attempt {row.attempts} of {max_attempts} failed: {o.reason}"
+            else:
+                row.state = o.state.value
+                row.finished_at = now
+            if o.state is State.DONE:
+                row.predicted_class = o.predicted_class
+                row.probabilities = o.probabilities
+                row.top_probability = max(o.probabilities.values()) if o.probabilities else None
+                row.priority = o.priority
+                row.triage_reason = o.triage_reason
+                row.model_name = model_name
+                row.model_version = model_version
+                row.model_precision = model_precision
+            applied += 1
+    return applied
+
+
+def release(db: Database, owner: str, job_ids: Sequence[int]) -> None:
+    """Give claimed jobs back to the queue untouched (orderly shutdown mid-batch)."""
+    if not job_ids:
+        return
+    with db.sessions.begin() as s:
+        s.execute(
+            update(Instance)
+            .where(Instance.id.in_(list(job_ids)), Instance.lease_owner == owner, Instance.state == State.RUNNING.value)
+            .values(state=State.QUEUED.value, lease_owner=None, lease_expires=None, attempts=Instance.attempts - 1)
+        )
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def counts(db: Database) -> dict[str, int]:
+    """Number of rows per state."""
+    with db.sessions() as s:
+        rows = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
+    return {state: n for state, n in rows}
+
+
+def oldest_waiting(db: Database) -> Instance | None:
+    """The oldest queued job (what an operator asks first when the queue backs up)."""
+    with db.sessions() as s:
+        return s.scalar(
+            select(Instance).where(Instance.state == State.QUEUED.value).order_by(Instance.id).limit(1)
+        )

@@ -1,0 +1,274 @@
+"""Typed configuration, validated once at start-up.
+
+Precedence, lowest to highest: built-in defaults < TOML file (``--config FILE`` or
+``CXR_TRIAGE_CONFIG``) < ``CXR_TRIAGE_<SECTION>_<KEY>`` environment variables < command-line
+flags. Every error names the setting that is wrong, in the dotted form used by the TOML file
+(``listener.port``) and, where it came from the environment, the variable's name.
+
+The commented reference file is ``config/default.toml``; a test checks that it parses to
+exactly these defaults, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CXR_TRIAGE_"
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE VR, no backslash, <= 16 chars
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """The DICOM Storage and Verification SCP (``cxr-triage serve``)."""
+
+    ae_title: str = "CXRTRIAGE"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    max_pdu: int = 131072
+    max_associations: int = 10
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    require_called_aet: bool = True
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where received objects and the triage database live."""
+
+    data_dir: Path = Path("var")
+    spool_dir: Path | None = None
+    database_url: str | None = None
+    disk_reserve_mb: int = 1024
+    fsync: bool = True
+
+    @property
+    def spool_path(self) -> Path:
+        """The spool folder (``data_dir/spool`` unless set)."""
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of the triage database (SQLite in ``data_dir`` unless set)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The OpenVINO IR and its model card."""
+
+    path: Path | None = None
+    precision: str | None = None
+    max_image_mb: int = 512
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """The batch pipeline: claim, decode, preprocess, infer, store."""
+
+    size: int = 16
+    lease_seconds: int = 300
+    max_attempts: int = 3
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration of one node."""
+
+    listener: ListenerSettings = field(default_factory=ListenerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    log_level: str = "INFO"
+
+
+_SECTIONS: dict[str, type] = {
+    "listener": ListenerSettings,
+    "storage": StorageSettings,
+    "model": ModelSettings,
+    "batch": BatchSettings,
+}
+_TOP_LEVEL = {"log_level"}
+
+
+def _coerce(value: Any, tp: Any, name: str, from_text: bool) -> Any:
+    """Convert ``value`` to type ``tp``; raise SettingsError naming ``name``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (from_text and value == ""):
+            return None
+        return _coerce(value, args[0], name, from_text)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise SettingsError(f"{name} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, name, from_text) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if from_text and str(value).lower() in {"1", "true", "yes", "on"}:
+                return True
+            if from_text and str(value).lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if tp is Path:
+            if not isinstance(value, (str, Path)):
+                raise ValueError
+            return Path(value).expanduser()
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be of type {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    raise SettingsError(f"{name}: unsupported setting type {tp!r}")  # pragma: no cover
+
+
+def _validate(s: Settings) -> None:
+    """Range and format checks that types alone do not catch."""
+    li = s.listener
+    if not AE_TITLE_RE.match(li.ae_title) or not li.ae_title.strip():
+        raise SettingsError(f"listener.ae_title must be 1-16 printable characters without '\\', got {li.ae_title!r}")
+    for aet in li.allowed_calling_aets:
+        if not AE_TITLE_RE.match(aet):
+            raise SettingsError(f"listener.allowed_calling_aets: {aet!r} is not a valid AE title")
+    if not 0 <= li.port <= 65535:
+        raise SettingsError(f"listener.port must be 0-65535, got {li.port}")
+    if li.max_pdu != 0 and li.max_pdu < 4096:
+        raise SettingsError(f"listener.max_pdu must be 0 (unlimited) or >= 4096, got {li.max_pdu}")
+    if li.max_associations < 1:
+        raise SettingsError(f"listener.max_associations must be >= 1, got {li.max_associations}")
+    for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
+        if getattr(li, key) <= 0:
+            raise SettingsError(f"listener.{key} must be > 0 seconds")
+    if s.storage.disk_reserve_mb < 0:
+        raise SettingsError("storage.disk_reserve_mb must be >= 0")
+    if s.model.precision not in (None, "f32", "bf16", "f16", "int8"):
+        raise SettingsError(f"model.precision must be one of f32, bf16, f16, int8, got {s.model.precision!r}")
+    if s.model.max_image_mb < 1:
+        raise SettingsError("model.max_image_mb must be >= 1")
+    b = s.batch
+    if b.size < 1:
+        raise SettingsError(f"batch.size must be >= 1, got {b.size}")
+    if b.lease_seconds < 1:
+        raise SettingsError("batch.lease_seconds must be >= 1")
+    if b.max_attempts < 1:
+        raise SettingsError("batch.max_attempts must be >= 1")
+    if b.poll_seconds <= 0:
+        raise SettingsError("batch.poll_seconds must be > 0")
+    if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise SettingsError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level!r}")
+
+
+def _apply(base: Settings, values: Mapping[str, Any], source: str, from_text: bool) -> Settings:
+    """Overlay a nested mapping ``{section: {key: value}}`` on ``base``."""
+    top: dict[str, Any] = {}
+    for section, body in values.items():
+        if section in _TOP_LEVEL:
+            top[section] = _coerce(body, str, f"{section} ({source})", from_text)
+            continue
+        cls = _SECTIONS.get(section)
+        if cls is None:
+            raise SettingsError(f"unknown configuration section [{section}] ({source})")
+        if not isinstance(body, Mapping):
+            raise SettingsError(f"[{section}] must be a table ({source})")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, value in body.items():
+            if key not in known:
+                raise SettingsError(f"unknown setting {section}.{key} ({source})")
+            where = env_name(f"{section}.{key}") if source == "environment" else source
+            changes[key] = _coerce(value, hints[key], f"{section}.{key} ({where})", from_text)
+        top[section] = dataclasses.replace(getattr(base, section), **changes)
+    return dataclasses.replace(base, **top)
+
+
+def env_name(dotted: str) -> str:
+    """``listener.port`` -> ``CXR_TRIAGE_LISTENER_PORT``."""
+    return ENV_PREFIX + dotted.replace(".", "_").upper()
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Collect ``CXR_TRIAGE_<SECTION>_<KEY>`` variables into a nested mapping."""
+    out: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            name = env_name(f"{section}.{f.name}")
+            if name in environ:
+                out.setdefault(section, {})[f.name] = environ[name]
+    for key in _TOP_LEVEL:
+        if env_name(key) in environ:
+            out[key] = environ[env_name(key)]
+    return out
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build and validate the configuration.
+
+    ``overrides`` holds command-line values as dotted keys (``{"listener.port": 104}``);
+    ``None`` values are ignored so that unset flags do not mask the file or environment.
+    """
+    environ = os.environ if environ is None else environ
+    settings = Settings()
+    path = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
+    if path:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise SettingsError(f"configuration file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"configuration file {p} is not valid TOML: {exc}") from None
+        settings = _apply(settings, data, str(p), from_text=False)
+    env_values = _from_env(environ)
+    if env_values:
+        settings = _apply(settings, env_values, "environment", from_text=True)
+    if overrides:
+        nested: dict[str, Any] = {}
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            if "." in dotted:
+                section, key = dotted.split(".", 1)
+                nested.setdefault(section, {})[key] = value
+            else:
+                nested[dotted] = value
+        if nested:
+            settings = _apply(settings, nested, "command line", from_text=True)
+    _validate(settings)
+    return settings
