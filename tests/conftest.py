@@ -41,8 +41,8 @@ def toy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(data_dir: Path, port: int, toy_model: Path) -> Settings:
-    """Node settings for tests: loopback, a free port, small batches, fast polling."""
+def settings(data_dir: Path, port: int) -> Settings:
+    """Node settings for tests: loopback, a free port, small batches, fast polling, no model."""
     return load_settings(
         None,
         {
@@ -50,12 +50,19 @@ def settings(data_dir: Path, port: int, toy_model: Path) -> Settings:
             "storage.disk_reserve_mb": "0",
             "listener.bind_address": "127.0.0.1",
             "listener.port": str(port),
-            "model.path": str(toy_model),
             "batch.size": "8",
             "batch.poll_seconds": "0.2",
         },
         environ={},
     )
+
+
+@pytest.fixture
+def model_settings(settings: Settings, toy_model: Path) -> Settings:
+    """``settings`` with the toy model configured."""
+    import dataclasses
+
+    return dataclasses.replace(settings, model=dataclasses.replace(settings.model, path=toy_model))
 
 
 @pytest.fixture

@@ -1,0 +1,277 @@
+"""The DICOM listener: Storage SCP (PS3.4 Annex B) and Verification SCP (PS3.4 Annex A).
+
+Handlers are plain functions with their dependencies bound explicitly
+(``evt_handlers=[(evt.EVT_C_STORE, handle_store, [intake])]``). They never raise into the
+network stack: every path returns a DIMSE status, and every refusal is recorded as a row of
+``intake_events`` with a reason a person can read.
+
+A C-STORE is answered with success only after the object, exactly as received (file meta
+information + the encoded data set; pixels are never decoded here), is durably in the spool and
+its queue row is committed. Decoding happens later, in the batch pipeline, so intake stays fast.
+
+Status codes returned (PS3.4 Table B.2-1, PS3.7 Annex C):
+
+========  ===============================================================
+0x0000    stored and queued, or a re-send of an instance already stored
+0x0122    refused: SOP class not supported (not CR, DX or greyscale SC)
+0xA700    refused: out of resources (disk reserve reached, spool or database failure)
+0xA900    error: data set does not match SOP class (UIDs in data set differ from request)
+0xC000    error: cannot understand (invalid UID, unreadable data set)
+========  ===============================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy.exc import IntegrityError
+
+from worker import jobs
+from worker.settings import Settings
+from worker.spool import Spool, SpoolError, uid_problem
+
+log = logging.getLogger(__name__)
+
+#: SOP classes this node screens (PS3.4 B.5): chest radiographs and greyscale secondary captures.
+ACCEPTED_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+}
+
+#: Transfer syntaxes accepted; each has a decoder in the base install (pylibjpeg plugins, pydicom).
+ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DOES_NOT_MATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+_HEADER_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "AccessionNumber",
+    "Modality",
+]
+
+
+@dataclass
+class Intake:
+    """Everything the C-STORE handler needs, bound to it explicitly."""
+
+    db: jobs.Database
+    spool: Spool
+    settings: Settings
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A status data set with an Error Comment (LO, 64 characters) for the peer's log."""
+    ds = Dataset()
+    ds.Status = code
+    if code != STATUS_SUCCESS:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    s = str(value).strip()
+    return s or None
+
+
+def handle_store(event: evt.Event, intake: Intake) -> Dataset | int:
+    """C-STORE: validate, store durably, enqueue, then answer (PS3.4 B.2.2)."""
+    try:
+        return _store(event, intake)
+    except Exception as exc:  # never raise into pynetdicom
+        log.exception("unexpected error while storing an object")
+        reason = f"internal error while storing: {type(exc).__name__}"
+        jobs.record_event(intake.db, "refused", reason, status=STATUS_OUT_OF_RESOURCES)
+        return _status(STATUS_OUT_OF_RESOURCES, reason)
+
+
+def _store(event: evt.Event, intake: Intake) -> Dataset | int:
+    req = event.request
+    sop_uid = str(req.AffectedSOPInstanceUID or "")
+    sop_class = str(req.AffectedSOPClassUID or "")
+    calling = _text(event.assoc.requestor.ae_title)
+    peer = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
+
+    def refuse(code: int, reason: str) -> Dataset:
+        log.warning("refused C-STORE from %s (status 0x%04X): %s", calling, code, reason)
+        jobs.record_event(
+            intake.db, "refused", reason, status=code, calling_ae=calling, peer=peer,
+            sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+        )
+        return _status(code, reason)
+
+    if sop_class not in ACCEPTED_SOP_CLASSES:
+        return refuse(STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not accepted by this node")
+    problem = uid_problem(sop_uid)
+    if problem:
+        return refuse(STATUS_CANNOT_UNDERSTAND, f"invalid SOP Instance UID: {problem}")
+
+    data = event.encoded_dataset(include_meta=True)
+    if not intake.spool.has_room(len(data)):
+        return refuse(
+            STATUS_OUT_OF_RESOURCES,
+            f"spool below its free-space reserve ({intake.settings.storage.disk_reserve_mb} MB)",
+        )
+
+    # Header only: stop before the pixels, so nothing large is decoded here.
+    try:
+        header = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        ds_sop_uid = _text(header.get("SOPInstanceUID"))
+        ds_sop_class = _text(header.get("SOPClassUID"))
+    except Exception as exc:
+        return refuse(STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}")
+    if ds_sop_uid != sop_uid or ds_sop_class != sop_class:
+        return refuse(STATUS_DOES_NOT_MATCH, "SOP Instance/Class UID in data set differ from the request")
+    for key in ("StudyInstanceUID", "SeriesInstanceUID"):
+        value = _text(header.get(key))
+        if value is not None and uid_problem(value):
+            return refuse(STATUS_CANNOT_UNDERSTAND, f"invalid {key}: {uid_problem(value)}")
+
+    digest = hashlib.sha256(data).hexdigest()
+    if jobs.find(intake.db, sop_uid) is not None:
+        jobs.record_resend(intake.db, sop_uid, digest, calling, peer)
+        log.info("re-send of stored instance %s acknowledged, not queued again", sop_uid)
+        return STATUS_SUCCESS
+
+    relpath = Spool.relpath_for(sop_uid)
+    try:
+        size = intake.spool.write(relpath, data)
+    except SpoolError as exc:
+        return refuse(STATUS_OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
+
+    item = jobs.Received(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class,
+        study_instance_uid=_text(header.get("StudyInstanceUID")),
+        series_instance_uid=_text(header.get("SeriesInstanceUID")),
+        accession_number=_text(header.get("AccessionNumber")),
+        modality=_text(header.get("Modality")),
+        transfer_syntax=str(event.context.transfer_syntax),
+        calling_ae=calling,
+        path=relpath,
+        size_bytes=size,
+        sha256=digest,
+    )
+    try:
+        jobs.enqueue(intake.db, item)
+    except IntegrityError:
+        # Another association stored the same instance a moment ago: a re-send.
+        jobs.record_resend(intake.db, sop_uid, digest, calling, peer)
+        return STATUS_SUCCESS
+    except Exception as exc:
+        # The file may stay in the spool, but the peer gets a failure and will send again.
+        return refuse(STATUS_OUT_OF_RESOURCES, f"database unavailable: {type(exc).__name__}")
+    log.info("stored %s (%d bytes, %s) from %s", sop_uid, size, item.transfer_syntax, calling)
+    return STATUS_SUCCESS
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO (PS3.4 A.4): always success while the node runs."""
+    return STATUS_SUCCESS
+
+
+def handle_rejected(event: evt.Event, intake: Intake) -> None:
+    """Record why an association was rejected (calling AE not allowed, called AE wrong, busy)."""
+    try:
+        rq = event.assoc.requestor.primitive
+        calling = _text(getattr(rq, "calling_ae_title", None))
+        called = _text(getattr(rq, "called_ae_title", None))
+        li = intake.settings.listener
+        if li.allowed_calling_aets and calling not in li.allowed_calling_aets:
+            reason = f"calling AE title {calling!r} is not in listener.allowed_calling_aets"
+        elif li.require_called_aet and called != li.ae_title:
+            reason = f"called AE title {called!r} is not {li.ae_title!r}"
+        else:
+            reason = "association rejected (too many associations or failed negotiation)"
+        log.warning("rejected association from %s: %s", event.assoc.requestor.address, reason)
+        jobs.record_event(
+            intake.db, "association_rejected", reason, calling_ae=calling,
+            peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+        )
+    except Exception:  # pragma: no cover
+        log.exception("could not record a rejected association")
+
+
+def make_ae(settings: Settings) -> AE:
+    """An Application Entity configured from ``[listener]``."""
+    li = settings.listener
+    ae = AE(ae_title=li.ae_title)
+    ae.maximum_pdu_size = li.max_pdu
+    ae.maximum_associations = li.max_associations
+    ae.acse_timeout = li.acse_timeout
+    ae.dimse_timeout = li.dimse_timeout
+    ae.network_timeout = li.network_timeout
+    ae.require_called_aet = li.require_called_aet
+    ae.require_calling_aet = list(li.allowed_calling_aets)
+    ae.add_supported_context(Verification)
+    # Every storage SOP class is accepted at association so that an object we do not screen
+    # (a CT slice routed here by mistake) gets an explicit per-object status, 0x0122, and a
+    # recorded reason, rather than vanishing in negotiation.
+    uids = list(ACCEPTED_SOP_CLASSES) + [
+        cx.abstract_syntax for cx in AllStoragePresentationContexts
+        if cx.abstract_syntax not in ACCEPTED_SOP_CLASSES
+    ]
+    for uid in uids:
+        ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def start(settings: Settings, intake: Intake, *, block: bool = False) -> Any:
+    """Start the SCP; returns the threaded server (``.shutdown()`` stops it) unless ``block``."""
+    intake.spool.remove_stale_temp_files()
+    ae = make_ae(settings)
+    handlers = [
+        (evt.EVT_C_STORE, handle_store, [intake]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_REJECTED, handle_rejected, [intake]),
+    ]
+    li = settings.listener
+    log.info("listening as %s on %s:%d", li.ae_title, li.bind_address, li.port)
+    return ae.start_server((li.bind_address, li.port), block=block, evt_handlers=handlers)

@@ -1,0 +1,108 @@
+"""One running node: the listener and (unless ``--no-batch``) the batch scheduler, in one process.
+
+The two parts share only the database and the spool, so each can also run as its own process
+(``cxr-triage serve --no-batch`` and ``cxr-triage batch``). SIGTERM and SIGINT stop the
+listener first (no new associations), then let the running batch commit, then exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from worker import jobs, listener
+from worker.settings import Settings, SettingsError
+from worker.spool import Spool
+
+if TYPE_CHECKING:  # a listener-only process (serve --no-batch) never loads OpenVINO
+    from worker.engine import Engine
+    from worker.scheduler import BatchScheduler
+
+log = logging.getLogger(__name__)
+
+
+def open_storage(settings: Settings) -> tuple[jobs.Database, Spool]:
+    """Create the data folder, open (and migrate) the database, open the spool."""
+    st = settings.storage
+    if st.database_url is None:
+        st.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db = jobs.Database.open(st.url)
+    spool = Spool(st.spool_path, reserve_bytes=st.disk_reserve_mb * 2**20, fsync=st.fsync)
+    return db, spool
+
+
+def load_engine(settings: Settings) -> "Engine":
+    """The model named by ``model.path``; a clear error when none is configured."""
+    if settings.model.path is None:
+        raise SettingsError(
+            "model.path is not set: screening needs --model DIR (or CXR_TRIAGE_MODEL_PATH) pointing at "
+            "a folder with an OpenVINO IR (model.xml, model.bin) and its model card (model.json)"
+        )
+    from worker.engine import Engine
+
+    return Engine(settings.model.path, precision=settings.model.precision)
+
+
+@dataclass
+class Node:
+    """Listener + scheduler with orderly start and stop."""
+
+    settings: Settings
+    batch: bool = True
+    db: jobs.Database | None = None
+    spool: Spool | None = None
+    engine: "Engine | None" = None
+    server: Any = None
+    scheduler: "BatchScheduler | None" = None
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        """Open storage, load the model (when batching), start the listener and the schedule."""
+        if self.batch:
+            self.engine = load_engine(self.settings)  # fail before opening a port
+            log.info(
+                "model %s %s loaded (precision %s)", self.engine.card.name, self.engine.card.version, self.engine.precision
+            )
+        self.db, self.spool = open_storage(self.settings)
+        self.server = listener.start(self.settings, listener.Intake(self.db, self.spool, self.settings))
+        if self.batch and self.engine is not None:
+            from worker.scheduler import BatchScheduler
+
+            self.scheduler = BatchScheduler(self.db, self.spool, self.engine, self.settings)
+            self.scheduler.start()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting associations, finish the running batch, close the database."""
+        if self.stopped.is_set():
+            return
+        if self.server is not None:
+            self.server.shutdown()
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self.db is not None:
+            self.db.close()
+        self.stopped.set()
+
+    def run_forever(self) -> int:
+        """Start, wait for SIGTERM/SIGINT, stop; returns the exit status."""
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %s received; shutting down", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        print(f"cxr-triage listening as {self.settings.listener.ae_title} on port {self.port}", flush=True)
+        done.wait()
+        self.stop()
+        return 0
