@@ -1,0 +1,1 @@
+"""cxr-triage edge worker (no torch)."""

@@ -1,0 +1,168 @@
+"""A tiny, deterministic OpenVINO IR plus model card, for tests and benchmarks only.
+
+It is built with the ``openvino.opset14`` graph API (no torch, no download) and compiles in
+milliseconds.  It is NOT a medical model and is never used as a default model: its card says
+so in ``intended_use``.
+
+Graph (input ``[?, C, H, W]`` float32, NCHW, dynamic batch like a converted model)::
+
+    AvgPool(kernel = stride = (H // 4, W // 4))  ->  [N, C, gh, gw]   (gh = H // kh, gw = W // kw)
+    Reshape [N, C*gh*gw]  ->  MatMul W [F, n]  ->  Add b [n]  ->  (Softmax, if output="probabilities")
+
+The weights are designed so that the wiring of the output can be tested: the first class's
+column is ``-4 / F``, the last class's ``+4 / F`` (plus small seeded noise that makes the output
+depend on where the brightness is, not only on the mean), so the mean normalised intensity drives
+the prediction: a bright image (white, ~ +2 after ImageNet normalisation) predicts the LAST class
+(``covid19`` by default), a dark one (black, ~ -2) the FIRST (``normal``).  The classes in between
+get a bias of +1, so a mid-grey image (~ 0 after normalisation) predicts one of them
+(``pneumonia``).
+
+:func:`toy_reference` recomputes the same graph in numpy (float64) from the card alone (the
+seed is stored in ``training.toy_seed``), as the oracle for engine tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from worker.modelcard import OUTPUTS, DEFAULT_TRIAGE_RULE, ModelCard, write_card
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_toy_model", "toy_reference", "toy_weights"]
+
+_GRID = 4  # the pooled feature map is about _GRID x _GRID per channel
+_SCALE = 4.0  # weight of the mean intensity on the first / last class logit
+_NOISE = 1.0  # weight of the seeded random part
+_MIDDLE_BIAS = 1.0  # extra bias of the classes between the first and the last
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _pool_geometry(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(kh, kw, gh, gw)``: pooling kernel (= stride) and output grid for an ``H x W`` input."""
+    h, w = size
+    kh, kw = max(1, h // _GRID), max(1, w // _GRID)
+    return kh, kw, h // kh, w // kw
+
+
+def toy_weights(n_classes: int, size: tuple[int, int], channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The toy classifier's ``(W [F, n_classes], b [n_classes])`` in float32 for a given seed."""
+    _, _, gh, gw = _pool_geometry(size)
+    n_features = channels * gh * gw
+    rng = np.random.default_rng(seed)
+    base = np.zeros(n_classes)
+    base[0], base[-1] = -_SCALE, _SCALE
+    weights = (base[None, :] + _NOISE * rng.standard_normal((n_features, n_classes))) / n_features
+    bias = 0.1 * rng.standard_normal(n_classes)
+    bias[1:-1] += _MIDDLE_BIAS  # mid-grey images predict a middle class
+    return weights.astype(np.float32), bias.astype(np.float32)
+
+
+def _check_args(classes: Sequence[str], size: Sequence[int], channels: int, output: str) -> tuple[tuple[str, ...], tuple[int, int]]:
+    classes_t = tuple(classes)
+    if len(classes_t) < 2 or len(set(classes_t)) != len(classes_t) or not all(isinstance(c, str) and c for c in classes_t):
+        raise ValueError(f"classes must be at least 2 unique non-empty strings (got {classes!r})")
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(f"size must be (height, width), two positive integers (got {size!r})")
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
+        raise ValueError(f"channels must be a positive integer (got {channels!r})")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)} (got {output!r})")
+    return classes_t, (int(size[0]), int(size[1]))
+
+
+def build_toy_model(
+    out_dir: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] = ("normal", "pneumonia", "covid19"),
+    size: Sequence[int] = (224, 224),
+    channels: int = 3,
+    output: str = "logits",
+    seed: int = 0,
+    name: str = "toy",
+    version: str = "0.0.1",
+    thresholds: Mapping[str, float] | None = None,
+) -> Path:
+    """Write ``model.xml``, ``model.bin`` and ``model.json`` for the toy model into ``out_dir``.
+
+    Args:
+        out_dir: created if missing; existing model files are overwritten.
+        classes: output order; the first is predicted for dark images, the last for bright ones.
+        size: ``(height, width)`` of the input.
+        channels: input channels (3 uses ImageNet mean/std, otherwise 0.5 / 0.25).
+        output: ``"logits"`` (no softmax in the graph) or ``"probabilities"`` (Softmax node).
+        seed: seeds the noise part of the weights (stored in the card as ``training.toy_seed``).
+        thresholds: card thresholds; ``None`` gives 0.5 for every class but the first.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+    """
+    import openvino as ov  # local: the card helpers above do not need the runtime
+    import openvino.opset14 as ops
+
+    classes_t, (h, w) = _check_args(classes, size, channels, output)
+    kh, kw, _, _ = _pool_geometry((h, w))
+    weights, bias = toy_weights(len(classes_t), (h, w), channels, seed)
+
+    image = ops.parameter(ov.PartialShape([-1, channels, h, w]), ov.Type.f32, name="image")
+    pooled = ops.avg_pool(image, [kh, kw], [0, 0], [0, 0], [kh, kw], exclude_pad=True, rounding_type="floor")
+    flat = ops.reshape(pooled, ops.constant(np.array([0, -1], dtype=np.int64)), special_zero=True)
+    logits = ops.add(ops.matmul(flat, ops.constant(weights), False, False), ops.constant(bias))
+    result = ops.softmax(logits, 1) if output == "probabilities" else logits
+    result.output(0).get_tensor().set_names({output})
+    model = ov.Model([result.output(0)], [image], f"{name}-{version}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(out / "model.xml"), compress_to_fp16=False)
+
+    mean, std = _IMAGENET if channels == 3 else ((0.5,) * channels, (0.25,) * channels)
+    thr = {c: 0.5 for c in classes_t[1:]} if thresholds is None else dict(thresholds)
+    card: dict[str, Any] = {
+        "schema": 1,
+        "name": name,
+        "version": version,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "architecture": f"toy: avgpool {kh}x{kw} + linear (openvino opset14)",
+        "precision": "f32",
+        "classes": list(classes_t),
+        "output": output,
+        "input": {"size": [h, w], "channels": channels, "mean": list(mean), "std": list(std), "layout": "NCHW"},
+        "preprocessing": {"voi": "auto", "percentiles": [0.5, 99.5], "crop": "center_square"},
+        "thresholds": thr,
+        "triage_rule": DEFAULT_TRIAGE_RULE,
+        "metrics": {},
+        "training": {"toy_seed": seed, "note": "random weights; bright image -> last class, dark -> first"},
+        "files": {"xml": "model.xml", "bin": "model.bin"},
+        "intended_use": "toy model for tests; NOT a medical model",
+    }
+    write_card(out, card)
+    log.debug("built toy model in %s (%s, %dx%dx%d, %s)", out, ",".join(classes_t), channels, h, w, output)
+    return out
+
+
+def toy_reference(card: ModelCard, batch: np.ndarray) -> np.ndarray:
+    """The toy graph computed in numpy float64: ``(N, C, H, W)`` -> ``(N, n_classes)`` probabilities.
+
+    Uses only the card (classes, input size, channels, output, ``training.toy_seed``), so it is
+    an independent check of what OpenVINO computes from the IR.  Softmax is applied whatever
+    the card's ``output``, to match :meth:`worker.engine.Engine.infer`.
+    """
+    seed = card.raw.get("training", {}).get("toy_seed")
+    if not isinstance(seed, int):
+        raise ValueError(f"{card.card_path}: not a toy model card (training.toy_seed missing)")
+    x = np.asarray(batch, dtype=np.float64)
+    kh, kw, gh, gw = _pool_geometry(card.input_size)
+    n, c = x.shape[:2]
+    pooled = x[:, :, : gh * kh, : gw * kw].reshape(n, c, gh, kh, gw, kw).mean(axis=(3, 5))
+    weights, bias = toy_weights(len(card.classes), card.input_size, card.channels, seed)
+    logits = pooled.reshape(n, -1) @ weights.astype(np.float64) + bias.astype(np.float64)
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
