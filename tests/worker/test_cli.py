@@ -1,0 +1,164 @@
+"""The ``cxr-triage`` command as an operator uses it: a real process, dcmtk as the independent client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+from support import CT_STORAGE, free_port, make_image
+
+from worker import cli
+
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu, echoscu) is not installed")
+
+
+def _query(data_dir: Path, *extra: str) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "query", "--data-dir", str(data_dir), "--format", "json", *extra],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout)
+
+
+@pytest.fixture
+def served(tmp_path: Path, toy_model: Path) -> Iterator[tuple[subprocess.Popen, int, Path]]:
+    """``cxr-triage serve`` in its own process, configured by flags and environment."""
+    port, data_dir = free_port(), tmp_path / "var"
+    env = {
+        **os.environ,
+        "CXR_TRIAGE_LISTENER_BIND_ADDRESS": "127.0.0.1",
+        "CXR_TRIAGE_LISTENER_ALLOWED_CALLING_AETS": "STORESCU,ECHOSCU,MODALITY",
+        "CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0",
+        "CXR_TRIAGE_BATCH_POLL_SECONDS": "0.2",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "serve", "--data-dir", str(data_dir), "--port", str(port),
+         "--model", str(toy_model), "--ae-title", "TRIAGE1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert wait_for(lambda: _echo(port) == 0 or proc.poll() is not None, timeout=60), "node did not start"
+        assert proc.poll() is None, proc.stderr.read()
+        yield proc, port, data_dir
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _echo(port: int, aet: str = "ECHOSCU", called: str = "TRIAGE1") -> int:
+    if shutil.which("echoscu"):
+        return subprocess.run(["echoscu", "-aet", aet, "-aec", called, "127.0.0.1", str(port)], capture_output=True).returncode
+    from support import echo
+
+    return 0 if echo(port, calling=aet, called=called) == 0 else 1
+
+
+@needs_dcmtk
+def test_serve_screens_what_storescu_sends_and_stops_cleanly(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    proc, port, data_dir = served
+    files = []
+    for i in range(4):
+        p = tmp_path / f"img{i}.dcm"
+        make_image(rows=300, cols=250, seed=i).save_as(p, enforce_file_format=True)
+        files.append(p)
+    ct = tmp_path / "ct.dcm"
+    make_image(sop_class=CT_STORAGE, modality="CT").save_as(ct, enforce_file_format=True)
+    r = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "TRIAGE1", "127.0.0.1", str(port), *map(str, files)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # the CT is refused per object with 0x0122; storescu reports it and exits non-zero
+    r = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "TRIAGE1", "127.0.0.1", str(port), str(ct)],
+                       capture_output=True, text=True)
+    assert "0122" in r.stdout + r.stderr or r.returncode != 0
+    # a calling AE title that is not allowed cannot associate
+    r = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "TRIAGE1", "127.0.0.1", str(port), str(files[0])],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert _echo(port) == 0
+
+    assert wait_for(lambda: [x["state"] for x in _query(data_dir)] == ["done"] * 4, timeout=60)
+    rows = _query(data_dir)
+    for row in rows:
+        assert row["model_name"] == "toy" and row["priority"] in {"urgent", "routine"}
+        assert set(row["probabilities"]) == {"normal", "pneumonia", "covid19"}
+        assert row["received_at"].endswith("Z") and row["finished_at"].endswith("Z")
+    events = _query(data_dir, "--events")
+    kinds = sorted(e["kind"] for e in events)
+    assert kinds == ["association_rejected", "refused"]
+    assert any(e["status"] == "0x0122" for e in events)
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_query_filters_and_formats(served, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from support import send
+
+    proc, port, data_dir = served
+    dss = [make_image(rows=64, cols=64, seed=i) for i in range(3)]
+    dss[0].AccessionNumber = "ACC-X"
+    assert send(dss, port, calling="MODALITY", called="TRIAGE1") == [0, 0, 0]
+    assert wait_for(lambda: [x["state"] for x in _query(data_dir)] == ["done"] * 3, timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+
+    rows = _query(data_dir, "--accession", "ACC-X")
+    assert [r["sop_instance_uid"] for r in rows] == [dss[0].SOPInstanceUID]
+    cls = rows[0]["predicted_class"]
+    assert all(r["predicted_class"] == cls for r in _query(data_dir, "--class", cls))
+    assert _query(data_dir, "--min-probability", "1.01") == []
+    assert len(_query(data_dir, "--since", "2000-01-01")) == 3
+    assert _query(data_dir, "--until", "2000-01-01") == []
+    assert len(_query(data_dir, "--state", "done", "--state", "queued")) == 3
+
+    assert cli.main(["query", "--data-dir", str(data_dir), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("sop_instance_uid,") and "p_covid19" in lines[0] and len(lines) == 4
+    assert cli.main(["query", "--data-dir", str(data_dir)]) == 0
+    assert "(3 rows)" in capsys.readouterr().out
+    assert cli.main(["status", "--data-dir", str(data_dir), "--format", "json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["counts"]["done"] == 3 and status["oldest_waiting"] is None
+
+
+def test_serve_without_model_says_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["serve", "--data-dir", str(tmp_path), "--port", str(free_port())])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "model.path is not set" in err and "--model DIR" in err
+
+
+def test_bad_model_dir_and_bad_setting_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["batch", "--once", "--data-dir", str(tmp_path), "--model", str(tmp_path / "none")]) == 2
+    assert "model" in capsys.readouterr().err
+    assert cli.main(["serve", "--port", "99999", "--model", str(tmp_path)]) == 2
+    assert "listener.port" in capsys.readouterr().err
+
+
+def test_batch_once_drains_a_queue_filled_by_a_listener_only_node(tmp_path: Path, toy_model: Path) -> None:
+    from support import send
+
+    from worker.node import Node
+    from worker.settings import load_settings
+
+    data_dir, port = tmp_path / "var", free_port()
+    s = load_settings(None, {"storage.data_dir": str(data_dir), "listener.port": port,
+                             "listener.bind_address": "127.0.0.1", "storage.disk_reserve_mb": 0}, environ={})
+    n = Node(s, batch=False)  # `serve --no-batch`: no model needed
+    n.start()
+    try:
+        assert send([make_image(rows=64, cols=64, seed=i) for i in range(5)], n.port) == [0] * 5
+    finally:
+        n.stop()
+    assert cli.main(["batch", "--once", "--data-dir", str(data_dir), "--model", str(toy_model)]) == 0
+    assert [r["state"] for r in _query(data_dir)] == ["done"] * 5
+    assert cli.main(["migrate", "--data-dir", str(data_dir)]) == 0

@@ -1,0 +1,235 @@
+"""From association to stored triage result: intake over a real socket, then run_batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from support import SC_STORAGE, echo, make_image, send
+
+from worker import jobs, pipeline
+from worker.engine import Engine
+from worker.node import Node
+from worker.settings import Settings
+
+
+@pytest.fixture
+def screening(model_settings: Settings):  # type: ignore[no-untyped-def]
+    """A listener node plus an engine, with batches run by the test itself."""
+    n = Node(model_settings, batch=False)
+    n.start()
+    engine = Engine(model_settings.model.path)
+    owner = pipeline.worker_id()
+
+    def run() -> pipeline.BatchReport:
+        return pipeline.drain(n.db, n.spool, engine, model_settings, owner)
+
+    yield n, run
+    n.stop()
+
+
+def _dcmtk_compress(ds: Dataset, tool: str, flag: str, tmp: Path) -> Dataset:
+    src, dst = tmp / f"src-{flag}.dcm", tmp / f"dst-{flag}.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    subprocess.run([tool, flag, str(src), str(dst)], check=True, capture_output=True)
+    return dcmread(dst)
+
+
+def _encoded(ts: str, tmp: Path, seed: int) -> Dataset:
+    """A radiograph in transfer syntax ``ts``, made with pydicom's encoders or dcmtk's."""
+    if ts in (JPEGBaseline8Bit,):
+        ds = make_image(bits=8, seed=seed)
+    else:
+        ds = make_image(bits=16, stored=12, seed=seed)
+    if ts in (ExplicitVRLittleEndian,):
+        return ds
+    if ts in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = ts
+        path = tmp / f"{seed}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return dcmread(path)
+    if ts == RLELossless:
+        ds.compress(RLELossless)
+        return ds
+    if ts == JPEGLSLossless:
+        ds.compress(JPEGLSLossless)
+        return ds
+    if ts == JPEGLSNearLossless:
+        ds.compress(JPEGLSNearLossless, jls_error=2)
+        return ds
+    if ts == JPEG2000Lossless:
+        ds.compress(JPEG2000Lossless)
+        return ds
+    if ts == JPEG2000:
+        ds.compress(JPEG2000, j2k_cr=[20])
+        return ds
+    if shutil.which("dcmcjpeg") is None:
+        pytest.skip("dcmtk's dcmcjpeg is needed to encode JPEG baseline / lossless test files")
+    flag = {JPEGBaseline8Bit: "+eb", JPEGLosslessSV1: "+e1"}[ts]
+    return _dcmtk_compress(ds, "dcmcjpeg", flag, tmp)
+
+
+ALL_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+
+def test_every_accepted_transfer_syntax_is_received_and_screened(screening, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    node, run = screening
+    sent = {}
+    for i, ts in enumerate(ALL_SYNTAXES):
+        ds = _encoded(ts, tmp_path, seed=i)
+        assert str(ds.file_meta.TransferSyntaxUID) == ts
+        assert send([ds], node.port) == [0x0000], ts.name
+        sent[ts] = ds.SOPInstanceUID
+    report = run()
+    assert report.done == len(ALL_SYNTAXES), [(r.transfer_syntax, r.reason) for r in _rows(node)]
+    for ts, uid in sent.items():
+        row = jobs.find(node.db, uid)
+        assert row.transfer_syntax == ts  # stored as received, never transcoded
+        assert row.state == "done" and row.model_name == "toy" and row.priority in {"urgent", "routine"}
+        assert sum(row.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert set(row.timings) >= {"read_ms", "preprocess_ms", "infer_ms"}
+
+
+def _rows(node: Node) -> list[jobs.Instance]:
+    with node.db.sessions() as s:
+        return list(s.scalars(jobs.select(jobs.Instance)))
+
+
+def test_lossless_syntaxes_give_identical_results(screening, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    node, run = screening
+    base = make_image(bits=16, stored=12, seed=42)
+    uids = []
+    for ts in (ExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless):
+        ds = make_image(bits=16, stored=12, seed=42)
+        ds.PixelData = base.PixelData
+        if ts != ExplicitVRLittleEndian:
+            ds.compress(ts)
+        assert send([ds], node.port) == [0]
+        uids.append(ds.SOPInstanceUID)
+    run()
+    probs = [jobs.find(node.db, u).probabilities for u in uids]
+    assert all(p == probs[0] for p in probs)
+
+
+@pytest.mark.parametrize(
+    "build, state, reason",
+    [
+        (lambda: make_image(view="LL"), "skipped", "lateral"),
+        (lambda: make_image(body_part="KNEE"), "skipped", "KNEE"),
+        (lambda: make_image(photometric="RGB"), "skipped", "greyscale"),
+        (lambda: make_image(sop_class=SC_STORAGE, modality="OT", body_part=None), "skipped", ""),
+    ],
+)
+def test_filter_rejections_are_skipped_with_reason(screening, build, state: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+    node, run = screening
+    ds = build()
+    assert send([ds], node.port) == [0]
+    run()
+    row = jobs.find(node.db, ds.SOPInstanceUID)
+    assert row.state == state and row.reason and reason in row.reason
+    assert row.predicted_class is None
+
+
+def test_no_pixel_data_and_truncated_pixels_are_skipped(screening) -> None:  # type: ignore[no-untyped-def]
+    node, run = screening
+    nopix = make_image()
+    del nopix.PixelData
+    truncated = make_image(rows=256, cols=200)
+    truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 2]
+    doubled = make_image(rows=64, cols=64)
+    doubled.PixelData = doubled.PixelData * 2
+    assert send([nopix, truncated, doubled], node.port) == [0, 0, 0]
+    run()
+    assert "no pixel data" in jobs.find(node.db, nopix.SOPInstanceUID).reason
+    for ds in (truncated, doubled):
+        row = jobs.find(node.db, ds.SOPInstanceUID)
+        assert row.state == "skipped" and row.reason.startswith("pixel data:"), row.reason
+    assert echo(node.port) == 0
+
+
+def test_monochrome1_and_rescale_are_screened(screening) -> None:  # type: ignore[no-untyped-def]
+    node, run = screening
+    pix = (np.arange(128 * 128, dtype=np.uint16).reshape(128, 128) % 4096)
+    mono1 = make_image(pix, photometric="MONOCHROME1", stored=12)
+    mono2 = make_image(4095 - pix, photometric="MONOCHROME2", stored=12)
+    rescaled = make_image(pix, slope=2.0, intercept=-1024.0, stored=12)
+    assert send([mono1, mono2, rescaled], node.port) == [0, 0, 0]
+    assert run().done == 3
+    # MONOCHROME1 is inverted before inference: the same picture as its MONOCHROME2 twin
+    p1 = jobs.find(node.db, mono1.SOPInstanceUID).probabilities
+    p2 = jobs.find(node.db, mono2.SOPInstanceUID).probabilities
+    assert p1 == pytest.approx(p2, abs=1e-4)
+
+
+def test_unreadable_stored_file_fails_after_retries(screening, model_settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    node, run = screening
+    ds = make_image()
+    assert send([ds], node.port) == [0]
+    row = jobs.find(node.db, ds.SOPInstanceUID)
+    node.spool.path(row.path).unlink()  # the disk lost it
+    for _ in range(model_settings.batch.max_attempts):
+        run()
+    row = jobs.find(node.db, ds.SOPInstanceUID)
+    assert row.state == "failed" and "could not be read" in row.reason
+    assert row.attempts == model_settings.batch.max_attempts
+
+
+def test_real_chest_dicom_files(screening, shared_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    node, run = screening
+    files = sorted((shared_dir / "data" / "dicom").glob("*.dcm"))
+    assert len(files) == 3
+    dss = []
+    for f in files:
+        ds = dcmread(f, force=True)
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+            from pydicom.dataset import FileMetaDataset
+
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.file_meta = meta
+        dss.append(ds)
+    assert send(dss, node.port) == [0, 0, 0]
+    assert run().done == 3, [(r.sop_instance_uid, r.reason) for r in _rows(node)]
+
+
+def test_batch_size_is_respected_and_queue_drains(screening, model_settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    node, run = screening
+    dss = [make_image(rows=64, cols=64, seed=i) for i in range(19)]
+    assert send(dss, node.port) == [0] * 19
+    engine = Engine(model_settings.model.path)
+    first = pipeline.run_batch(node.db, node.spool, engine, model_settings, "w")
+    assert first.claimed == model_settings.batch.size
+    rest = run()
+    assert rest.done == 19 - model_settings.batch.size
+    assert jobs.counts(node.db) == {"done": 19}

@@ -1,0 +1,293 @@
+"""``cxr-triage``: one command, with subcommands; each entry is ``main(argv=None) -> int``.
+
+Subcommands: ``serve`` (listener + batches), ``batch`` (batches only; ``--once`` drains the
+queue and exits, for cron or systemd timers), ``query`` and ``status`` (the triage database),
+``migrate`` (schema upgrade; also done on every start).
+
+Exit status: 0 success, 1 runtime failure, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+
+from worker import jobs
+from worker.modelcard import ModelCardError
+from worker.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file (env CXR_TRIAGE_CONFIG)")
+    p.add_argument("--data-dir", metavar="DIR", help="spool and SQLite database folder [storage.data_dir]")
+    p.add_argument("--database", metavar="URL", help="SQLAlchemy URL, e.g. postgresql+psycopg://... [storage.database_url]")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR [log_level]")
+
+
+def _node_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", help="folder with model.xml, model.bin, model.json [model.path]")
+    p.add_argument("--precision", choices=["f32", "bf16", "f16", "int8"], help="override the model card [model.precision]")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per batch [batch.size]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr-triage", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="receive DICOM and screen it (listener + batch scheduler)")
+    _common(p)
+    _node_options(p)
+    p.add_argument("--port", type=int, help="DICOM port [listener.port]")
+    p.add_argument("--ae-title", metavar="AET", help="our AE title [listener.ae_title]")
+    p.add_argument("--bind", metavar="ADDR", help="address to listen on [listener.bind_address]")
+    p.add_argument("--no-batch", action="store_true", help="listener only; run `cxr-triage batch` separately")
+
+    p = sub.add_parser("batch", help="screen queued images (without the listener)")
+    _common(p)
+    _node_options(p)
+    p.add_argument("--once", action="store_true", help="drain the queue once and exit")
+
+    p = sub.add_parser("query", help="list screened and waiting images from the triage database")
+    _common(p)
+    p.add_argument("--state", action="append", choices=[s.value for s in jobs.State], help="repeatable")
+    p.add_argument("--class", dest="predicted_class", metavar="NAME", help="predicted class")
+    p.add_argument("--priority", choices=["urgent", "routine"])
+    p.add_argument("--min-probability", type=float, metavar="P", help="probability of the predicted class >= P")
+    p.add_argument("--since", metavar="WHEN", help="received at or after (ISO 8601 date or time, UTC)")
+    p.add_argument("--until", metavar="WHEN", help="received before (ISO 8601 date or time, UTC)")
+    p.add_argument("--study", metavar="UID", help="Study Instance UID")
+    p.add_argument("--accession", metavar="NUMBER", help="Accession Number")
+    p.add_argument("--events", action="store_true", help="list intake events (refusals, re-sends) instead")
+    p.add_argument("--limit", type=int, default=1000, help="at most N rows (default 1000; 0 = all)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    p = sub.add_parser("status", help="counts per state and the oldest waiting image")
+    _common(p)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
+    _common(p)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "storage.data_dir": args.data_dir,
+        "storage.database_url": args.database,
+        "log_level": args.log_level,
+    }
+    for flag, key in (
+        ("model", "model.path"),
+        ("precision", "model.precision"),
+        ("batch_size", "batch.size"),
+        ("port", "listener.port"),
+        ("ae_title", "listener.ae_title"),
+        ("bind", "listener.bind_address"),
+    ):
+        if hasattr(args, flag):
+            overrides[key] = getattr(args, flag)
+    return load_settings(args.config, overrides)
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _parse_when(text: str, name: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SettingsError(f"{name}: {text!r} is not an ISO 8601 date or time") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.node import Node
+
+    return Node(settings, batch=not args.no_batch).run_forever()
+
+
+def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import pipeline
+    from worker.node import load_engine, open_storage
+
+    engine = load_engine(settings)
+    db, spool = open_storage(settings)
+    try:
+        if args.once:
+            report = pipeline.drain(db, spool, engine, settings, pipeline.worker_id())
+            print(
+                f"screened {report.done}, skipped {report.skipped}, failed {report.failed} "
+                f"of {report.claimed} claimed in {report.seconds:.1f} s"
+            )
+            return 0
+        import signal
+        import threading
+
+        from worker.scheduler import BatchScheduler
+
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        sched = BatchScheduler(db, spool, engine, settings)
+        sched.start()
+        stop.wait()
+        sched.stop()
+        return 0
+    finally:
+        db.close()
+
+
+def _query_rows(args: argparse.Namespace, db: jobs.Database) -> list[dict[str, Any]]:
+    if args.events:
+        stmt = select(jobs.IntakeEvent).order_by(jobs.IntakeEvent.id)
+        if args.since:
+            stmt = stmt.where(jobs.IntakeEvent.at >= _parse_when(args.since, "--since"))
+        if args.until:
+            stmt = stmt.where(jobs.IntakeEvent.at < _parse_when(args.until, "--until"))
+    else:
+        I = jobs.Instance
+        stmt = select(I).order_by(I.id)
+        if args.state:
+            stmt = stmt.where(I.state.in_(args.state))
+        if args.predicted_class:
+            stmt = stmt.where(I.predicted_class == args.predicted_class)
+        if args.priority:
+            stmt = stmt.where(I.priority == args.priority)
+        if args.min_probability is not None:
+            stmt = stmt.where(I.top_probability >= args.min_probability)
+        if args.since:
+            stmt = stmt.where(I.received_at >= _parse_when(args.since, "--since"))
+        if args.until:
+            stmt = stmt.where(I.received_at < _parse_when(args.until, "--until"))
+        if args.study:
+            stmt = stmt.where(I.study_instance_uid == args.study)
+        if args.accession:
+            stmt = stmt.where(I.accession_number == args.accession)
+    if args.limit:
+        stmt = stmt.limit(args.limit)
+    with db.sessions() as s:
+        return [row.as_dict() for row in s.scalars(stmt)]
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    db = jobs.Database.open(settings.storage.url)
+    try:
+        rows = _query_rows(args, db)
+    finally:
+        db.close()
+    if args.format == "json":
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    if not args.events:
+        for r in rows:
+            r["probability"] = r["probabilities"][r["predicted_class"]] if r["probabilities"] else None
+    if args.format == "csv":
+        classes = sorted({k for r in rows for k in (r.get("probabilities") or {})})
+        fields = [k for k in (rows[0] if rows else {}) if k != "probabilities"]
+        writer = csv.writer(sys.stdout)
+        writer.writerow(fields + [f"p_{c}" for c in classes])
+        for r in rows:
+            probs = r.get("probabilities") or {}
+            writer.writerow([r.get(k) for k in fields] + [probs.get(c) for c in classes])
+        return 0
+    if args.events:
+        _print_table(rows, ["at", "kind", "status", "calling_ae", "sop_instance_uid", "reason"])
+    else:
+        _print_table(
+            rows,
+            ["sop_instance_uid", "state", "predicted_class", "probability", "priority", "received_at", "reason"],
+        )
+    print(f"({len(rows)} rows)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    db = jobs.Database.open(settings.storage.url)
+    try:
+        counts = jobs.counts(db)
+        oldest = jobs.oldest_waiting(db)
+        with db.sessions() as s:
+            refused = len(list(s.scalars(select(jobs.IntakeEvent.id).where(jobs.IntakeEvent.kind != "duplicate"))))
+    finally:
+        db.close()
+    out = {
+        "counts": {st.value: counts.get(st.value, 0) for st in jobs.State},
+        "total": sum(counts.values()),
+        "intake_refusals": refused,
+        "oldest_waiting": None,
+    }
+    if oldest is not None:
+        age = (jobs.utcnow() - oldest.received_at).total_seconds()
+        out["oldest_waiting"] = {"sop_instance_uid": oldest.sop_instance_uid, "age_seconds": round(age, 1)}
+    if args.format == "json":
+        print(json.dumps(out, indent=2))
+        return 0
+    for state, n in out["counts"].items():
+        print(f"{state:<10}{n:>8}")
+    print(f"{'total':<10}{out['total']:>8}")
+    print(f"intake refusals and conflicts: {refused}")
+    if out["oldest_waiting"]:
+        o = out["oldest_waiting"]
+        print(f"oldest waiting: {o['sop_instance_uid']} ({o['age_seconds']:.0f} s)")
+    else:
+        print("oldest waiting: none")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.storage.database_url is None:
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    jobs.Database.open(settings.storage.url).close()
+    print("database schema is current")
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "batch": cmd_batch, "query": cmd_query, "status": cmd_status, "migrate": cmd_migrate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cxr-triage``."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        _setup_logging(settings)
+        return COMMANDS[args.command](args, settings)
+    except (SettingsError, ModelCardError) as exc:
+        print(f"cxr-triage {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The batch pipeline: claim -> read -> filter -> preprocess -> infer -> triage -> store.
+
+``run_batch`` reads top to bottom as one function on purpose: it is the whole life of a job
+after intake. It shares nothing with the listener but the database and the spool.
+
+Where a job ends:
+
+* ``skipped``: the input is not something this model should screen, or cannot be read
+  (filters.check's reason, undecodable or inconsistent pixel data). Retrying would not help.
+* ``failed``: something on our side went wrong (stored file unreadable, inference error).
+  It goes back to ``queued`` until ``batch.max_attempts`` is reached, keeping the last reason.
+* ``done``: probabilities, predicted class and triage priority stored with the model's
+  name, version and precision.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from worker import filters, imaging, jobs
+from worker.engine import Engine
+from worker.jobs import Outcome, State
+from worker.modelcard import triage
+from worker.settings import Settings
+from worker.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    """A lease owner name unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class BatchReport:
+    """What one batch did (for logs, the CLI and benchmarks)."""
+
+    claimed: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, other: "BatchReport") -> None:
+        self.claimed += other.claimed
+        self.done += other.done
+        self.skipped += other.skipped
+        self.failed += other.failed
+        self.seconds += other.seconds
+        for k, v in other.stage_seconds.items():
+            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
+
+
+def run_batch(db: jobs.Database, spool: Spool, engine: Engine, settings: Settings, owner: str) -> BatchReport:
+    """Claim up to ``batch.size`` jobs and take each to done, skipped or failed."""
+    t_start = time.perf_counter()
+    stage = {"claim": 0.0, "read": 0.0, "filter": 0.0, "preprocess": 0.0, "infer": 0.0, "store": 0.0}
+    spec = imaging.PreprocessSpec.from_card(engine.card.raw)
+    spec = imaging.PreprocessSpec(**{**spec.__dict__, "max_bytes": settings.model.max_image_mb * 2**20})
+
+    # 1. claim
+    t = time.perf_counter()
+    claimed = jobs.claim_batch(db, settings.batch.size, owner, settings.batch.lease_seconds)
+    stage["claim"] += time.perf_counter() - t
+    if not claimed:
+        return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=stage)
+
+    outcomes: dict[int, Outcome] = {}
+    ready: list[tuple[jobs.Claimed, np.ndarray, dict[str, float]]] = []
+    for job in claimed:
+        timing: dict[str, float] = {}
+
+        # 2. read the stored object (pixels stay encoded until preprocess)
+        t = time.perf_counter()
+        try:
+            ds = dcmread(spool.path(job.path))
+        except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
+            outcomes[job.id] = Outcome(job.id, State.SKIPPED, f"stored object is not readable DICOM: {exc}")
+            continue
+        except OSError as exc:
+            outcomes[job.id] = Outcome(job.id, State.FAILED, f"stored file could not be read: {exc.strerror or exc}")
+            continue
+        timing["read_ms"] = (time.perf_counter() - t) * 1e3
+        stage["read"] += time.perf_counter() - t
+
+        # 3. filter: is this a frontal chest radiograph we can read?
+        t = time.perf_counter()
+        reason = filters.check(ds)
+        stage["filter"] += time.perf_counter() - t
+        if reason:
+            outcomes[job.id] = Outcome(job.id, State.SKIPPED, reason, timings=timing)
+            continue
+
+        # 4. preprocess: the same code training uses
+        t = time.perf_counter()
+        try:
+            tensor = imaging.preprocess(ds, spec)
+        except imaging.PixelError as exc:
+            outcomes[job.id] = Outcome(job.id, State.SKIPPED, f"pixel data: {exc}", timings=timing)
+            continue
+        except MemoryError:
+            outcomes[job.id] = Outcome(job.id, State.SKIPPED, "pixel data too large to decode", timings=timing)
+            continue
+        except Exception as exc:  # a decoder bug or an input we did not foresee
+            log.exception("preprocessing %s failed", job.sop_instance_uid)
+            outcomes[job.id] = Outcome(job.id, State.FAILED, f"preprocessing error: {type(exc).__name__}: {exc}")
+            continue
+        del ds
+        timing["preprocess_ms"] = (time.perf_counter() - t) * 1e3
+        stage["preprocess"] += time.perf_counter() - t
+        ready.append((job, tensor, timing))
+
+    # 5. infer the batch, 6. triage each result
+    if ready:
+        t = time.perf_counter()
+        try:
+            rows = engine.probabilities(np.stack([x for _, x, _ in ready]))
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d", len(ready))
+            for job, _, timing in ready:
+                outcomes[job.id] = Outcome(job.id, State.FAILED, f"inference failed: {type(exc).__name__}: {exc}")
+        else:
+            per_image_ms = (time.perf_counter() - t) * 1e3 / len(ready)
+            for (job, _, timing), probs in zip(ready, rows):
+                timing["infer_ms"] = per_image_ms
+                decision = triage(probs, engine.card)
+                outcomes[job.id] = Outcome(
+                    job.id,
+                    State.DONE,
+                    predicted_class=max(probs, key=probs.__getitem__),
+                    probabilities={k: round(float(v), 6) for k, v in probs.items()},
+                    priority=decision.priority,
+                    triage_reason=decision.reason,
+                    timings={k: round(v, 3) for k, v in timing.items()},
+                )
+        stage["infer"] += time.perf_counter() - t
+
+    # 7. store results and mark, in one commit
+    t = time.perf_counter()
+    jobs.finish(
+        db,
+        owner,
+        outcomes.values(),
+        model_name=engine.card.name,
+        model_version=engine.card.version,
+        model_precision=engine.precision,
+        max_attempts=settings.batch.max_attempts,
+    )
+    stage["store"] += time.perf_counter() - t
+
+    report = BatchReport(
+        claimed=len(claimed),
+        done=sum(o.state is State.DONE for o in outcomes.values()),
+        skipped=sum(o.state is State.SKIPPED for o in outcomes.values()),
+        failed=sum(o.state is State.FAILED for o in outcomes.values()),
+        seconds=time.perf_counter() - t_start,
+        stage_seconds=stage,
+    )
+    log.info(
+        "batch: %d claimed, %d done, %d skipped, %d failed in %.2f s",
+        report.claimed, report.done, report.skipped, report.failed, report.seconds,
+    )
+    return report
+
+
+def drain(
+    db: jobs.Database, spool: Spool, engine: Engine, settings: Settings, owner: str, *, should_stop: Callable[[], bool] | None = None
+) -> BatchReport:
+    """Run batches until the queue is empty (or ``should_stop`` says so)."""
+    total = BatchReport()
+    while True:
+        report = run_batch(db, spool, engine, settings, owner)
+        total.add(report)
+        if report.claimed == 0 or (should_stop is not None and should_stop()):
+            return total
