@@ -36,10 +36,12 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Float,
+    ForeignKey,
     Index,
     Integer,
     String,
     Text,
+    UniqueConstraint,
     TypeDecorator,
     create_engine,
     event,
@@ -204,6 +206,62 @@ class IntakeEvent(Base):
             "sop_instance_uid": self.sop_instance_uid,
             "sop_class_uid": self.sop_class_uid,
             "reason": self.reason,
+        }
+
+
+class SendState(str, enum.Enum):
+    """Delivery states of one result object to one destination."""
+
+    PENDING = "pending_send"
+    SENT = "sent"
+    FAILED = "send_failed"
+
+
+class Delivery(Base):
+    """One result object (SR or SC) for one destination.
+
+    Rows are created in the same commit that marks their job ``done``, so a result is in the
+    database (and its object durably in the spool's ``results/``) before any send is tried: a
+    failed send loses nothing. ``next_attempt_at`` doubles as the sending lease: a claim moves it
+    ``send.lease_seconds`` ahead, so no other worker takes the row while it is being sent.
+    """
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), nullable=False, index=True)
+    destination: Mapped[str] = mapped_column(String(64), nullable=False)
+    kind: Mapped[str] = mapped_column(String(8), nullable=False)  # sr | sc
+    sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    path: Mapped[str] = mapped_column(String(255), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default=SendState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "destination", name="uq_deliveries_object_destination"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+    def as_dict(self) -> dict[str, Any]:
+        def iso(v: dt.datetime | None) -> str | None:
+            return v.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if v else None
+
+        return {
+            "destination": self.destination,
+            "kind": self.kind,
+            "sop_instance_uid": self.sop_instance_uid,
+            "state": self.state,
+            "attempts": self.attempts,
+            "last_status": f"0x{self.last_status:04X}" if self.last_status is not None else None,
+            "last_error": self.last_error,
+            "next_attempt_at": iso(self.next_attempt_at) if self.state == SendState.PENDING.value else None,
+            "sent_at": iso(self.sent_at),
         }
 
 
@@ -468,11 +526,41 @@ class Outcome:
     timings: dict[str, float] | None = None
 
 
+@dataclass(frozen=True)
+class NewDelivery:
+    """A result object waiting to be sent to one destination."""
+
+    destination: str
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+def _add_deliveries(s: Session, instance_id: int, items: Iterable[NewDelivery], now: dt.datetime) -> None:
+    """Insert deliveries, or put an existing one (same object, same destination) back to pending."""
+    for d in items:
+        row = s.scalar(
+            select(Delivery).where(Delivery.sop_instance_uid == d.sop_instance_uid, Delivery.destination == d.destination)
+        )
+        if row is None:
+            s.add(
+                Delivery(
+                    instance_id=instance_id, destination=d.destination, kind=d.kind, sop_class_uid=d.sop_class_uid,
+                    sop_instance_uid=d.sop_instance_uid, path=d.path, state=SendState.PENDING.value, attempts=0,
+                    next_attempt_at=now, created_at=now,
+                )
+            )
+        else:
+            row.state, row.attempts, row.next_attempt_at, row.path = SendState.PENDING.value, 0, now, d.path
+
+
 def finish(
     db: Database,
     owner: str,
     outcomes: Iterable[Outcome],
     *,
+    deliveries: dict[int, list[NewDelivery]] | None = None,
     model_name: str | None,
     model_version: str | None,
     model_precision: str | None,
@@ -512,6 +600,8 @@ def finish(
                 row.model_name = model_name
                 row.model_version = model_version
                 row.model_precision = model_precision
+                if deliveries and o.job_id in deliveries:
+                    _add_deliveries(s, row.id, deliveries[o.job_id], now)
             applied += 1
     return applied
 
@@ -538,9 +628,136 @@ def counts(db: Database) -> dict[str, int]:
     return {state: n for state, n in rows}
 
 
+def queued_summary(db: Database) -> tuple[int, dt.datetime | None]:
+    """How many jobs are queued, and when the oldest of them was received."""
+    with db.sessions() as s:
+        n, oldest = s.execute(
+            select(func.count(), func.min(Instance.received_at)).where(Instance.state == State.QUEUED.value)
+        ).one()
+    if oldest is not None and oldest.tzinfo is None:  # aggregate results bypass the column type
+        oldest = oldest.replace(tzinfo=dt.timezone.utc)
+    elif isinstance(oldest, str):
+        oldest = dt.datetime.fromisoformat(oldest).replace(tzinfo=dt.timezone.utc)
+    return int(n), oldest
+
+
 def oldest_waiting(db: Database) -> Instance | None:
     """The oldest queued job (what an operator asks first when the queue backs up)."""
     with db.sessions() as s:
         return s.scalar(
             select(Instance).where(Instance.state == State.QUEUED.value).order_by(Instance.id).limit(1)
         )
+
+
+# --------------------------------------------------------------------------- deliveries
+
+
+@dataclass(frozen=True)
+class DeliveryClaim:
+    """A delivery handed to a sender; ``attempts`` counts this attempt."""
+
+    id: int
+    destination: str
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    attempts: int
+
+
+def claim_deliveries(
+    db: Database, n: int, lease_seconds: int, now: dt.datetime | None = None, only: Sequence[int] | None = None
+) -> list[DeliveryClaim]:
+    """Take up to ``n`` due deliveries (one transaction, SKIP LOCKED on PostgreSQL)."""
+    now = now or utcnow()
+    with db.sessions.begin() as s:
+        stmt = (
+            select(Delivery.id)
+            .where(Delivery.state == SendState.PENDING.value, Delivery.next_attempt_at <= now)
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(n)
+            .with_for_update(skip_locked=True)
+        )
+        if only is not None:
+            stmt = stmt.where(Delivery.id.in_(list(only)))
+        ids = list(s.scalars(stmt))
+        if not ids:
+            return []
+        s.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(ids))
+            .values(next_attempt_at=now + dt.timedelta(seconds=lease_seconds), attempts=Delivery.attempts + 1)
+        )
+        rows = s.scalars(select(Delivery).where(Delivery.id.in_(ids)).order_by(Delivery.id)).all()
+        return [
+            DeliveryClaim(r.id, r.destination, r.kind, r.sop_class_uid, r.sop_instance_uid, r.path, r.attempts)
+            for r in rows
+        ]
+
+
+def mark_sent(db: Database, delivery_id: int, status: int | None, now: dt.datetime | None = None) -> None:
+    """A destination accepted the object (success, or warning 0xB000/0xB006/0xB007)."""
+    with db.sessions.begin() as s:
+        row = s.get(Delivery, delivery_id)
+        if row is not None:
+            row.state, row.last_status, row.sent_at, row.last_error = SendState.SENT.value, status, now or utcnow(), None
+
+
+def mark_retry(
+    db: Database,
+    delivery_id: int,
+    *,
+    status: int | None,
+    error: str,
+    delay_seconds: float,
+    max_attempts: int,
+    now: dt.datetime | None = None,
+) -> str:
+    """A send failed: schedule the next attempt, or ``send_failed`` after ``max_attempts``."""
+    now = now or utcnow()
+    with db.sessions.begin() as s:
+        row = s.get(Delivery, delivery_id)
+        if row is None:
+            return "gone"
+        row.last_status, row.last_error = status, error
+        if row.attempts >= max_attempts:
+            row.state = SendState.FAILED.value
+        else:
+            row.next_attempt_at = now + dt.timedelta(seconds=delay_seconds)
+        return row.state
+
+
+def resend(db: Database, *, sop_instance_uid: str | None = None, destination: str | None = None) -> int:
+    """Put ``send_failed`` deliveries back to pending with fresh attempts; returns how many.
+
+    ``sop_instance_uid`` may name the source image or the result object.
+    """
+    now = utcnow()
+    with db.sessions.begin() as s:
+        stmt = select(Delivery).where(Delivery.state == SendState.FAILED.value)
+        if destination:
+            stmt = stmt.where(Delivery.destination == destination)
+        if sop_instance_uid:
+            source_ids = select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+            stmt = stmt.where((Delivery.sop_instance_uid == sop_instance_uid) | Delivery.instance_id.in_(source_ids))
+        rows = list(s.scalars(stmt))
+        for row in rows:
+            row.state, row.attempts, row.next_attempt_at = SendState.PENDING.value, 0, now
+        return len(rows)
+
+
+def deliveries_of(db: Database, instance_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+    """Delivery summaries per instance id (for ``query``)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    if not instance_ids:
+        return out
+    with db.sessions() as s:
+        for row in s.scalars(select(Delivery).where(Delivery.instance_id.in_(list(instance_ids))).order_by(Delivery.id)):
+            out.setdefault(row.instance_id, []).append(row.as_dict())
+    return out
+
+
+def delivery_counts(db: Database) -> dict[str, int]:
+    """Number of deliveries per state."""
+    with db.sessions() as s:
+        return {st: n for st, n in s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()}

@@ -89,6 +89,61 @@ class BatchSettings:
 
 
 @dataclass(frozen=True)
+class ScheduleSettings:
+    """When batches run (APScheduler)."""
+
+    mode: str = "continuous"
+    interval_minutes: float = 15.0
+    cron: str = "0 * * * *"
+    gather_seconds: float = 2.0
+    max_batch_seconds: float = 0.0
+    misfire_grace_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """Delivery of result objects to the destinations."""
+
+    secondary_capture: bool = False
+    max_attempts: int = 10
+    backoff_seconds: float = 10.0
+    backoff_max_seconds: float = 900.0
+    jitter: float = 0.2
+    retry_poll_seconds: float = 5.0
+    lease_seconds: int = 120
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where result objects go: a DICOM peer (C-STORE) or a local folder."""
+
+    name: str
+    type: str  # "dicom" | "folder"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    calling_ae_title: str = ""
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Destination":
+        """``AET@host:port`` (a DICOM peer) or ``folder:PATH``; an optional ``name=`` prefix."""
+        name = ""
+        if "=" in spec.split("@")[0].split(":")[0]:
+            name, spec = spec.split("=", 1)
+        if spec.startswith("folder:"):
+            path = spec[len("folder:"):]
+            if not path:
+                raise SettingsError(f"destination {spec!r}: folder:PATH needs a path")
+            return cls(name=name or "folder", type="folder", path=Path(path).expanduser())
+        m = re.match(r"^([^@]{1,16})@([^:]+):([0-9]{1,5})$", spec)
+        if not m:
+            raise SettingsError(f"destination {spec!r} is neither AET@host:port nor folder:PATH")
+        return cls(name=name or m.group(1), type="dicom", ae_title=m.group(1), host=m.group(2), port=int(m.group(3)))
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole configuration of one node."""
 
@@ -96,7 +151,17 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    send: SendSettings = field(default_factory=SendSettings)
+    destinations: list[Destination] | None = None
     log_level: str = "INFO"
+
+    @property
+    def result_destinations(self) -> list[Destination]:
+        """The configured destinations; unset means a folder ``<data_dir>/results``."""
+        if self.destinations is None:
+            return [Destination(name="folder", type="folder", path=self.storage.data_dir / "results")]
+        return list(self.destinations)
 
 
 _SECTIONS: dict[str, type] = {
@@ -104,6 +169,8 @@ _SECTIONS: dict[str, type] = {
     "storage": StorageSettings,
     "model": ModelSettings,
     "batch": BatchSettings,
+    "schedule": ScheduleSettings,
+    "send": SendSettings,
 }
 _TOP_LEVEL = {"log_level"}
 
@@ -185,6 +252,39 @@ def _validate(s: Settings) -> None:
         raise SettingsError("batch.max_attempts must be >= 1")
     if b.poll_seconds <= 0:
         raise SettingsError("batch.poll_seconds must be > 0")
+    sc = s.schedule
+    if sc.mode not in ("continuous", "interval", "cron"):
+        raise SettingsError(f"schedule.mode must be continuous, interval or cron, got {sc.mode!r}")
+    if sc.interval_minutes <= 0:
+        raise SettingsError("schedule.interval_minutes must be > 0")
+    if sc.mode == "cron":
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(sc.cron, timezone="UTC")
+        except ValueError as exc:
+            raise SettingsError(f"schedule.cron {sc.cron!r} is not a crontab expression: {exc}") from None
+    if sc.gather_seconds < 0 or sc.max_batch_seconds < 0 or sc.misfire_grace_seconds < 0:
+        raise SettingsError("schedule.gather_seconds, max_batch_seconds and misfire_grace_seconds must be >= 0")
+    se = s.send
+    if se.max_attempts < 1:
+        raise SettingsError("send.max_attempts must be >= 1")
+    if se.backoff_seconds <= 0 or se.backoff_max_seconds < se.backoff_seconds:
+        raise SettingsError("send.backoff_seconds must be > 0 and <= send.backoff_max_seconds")
+    if not 0 <= se.jitter < 1:
+        raise SettingsError("send.jitter must be in [0, 1)")
+    names = [d.name for d in s.destinations or []]
+    if len(names) != len(set(names)):
+        raise SettingsError(f"destinations: names must be unique, got {names}")
+    for d in s.destinations or []:
+        if d.type == "dicom":
+            if not AE_TITLE_RE.match(d.ae_title) or not d.host or not 0 < d.port <= 65535:
+                raise SettingsError(f"destinations.{d.name}: a DICOM destination needs ae_title, host and port 1-65535")
+        elif d.type == "folder":
+            if d.path is None:
+                raise SettingsError(f"destinations.{d.name}: a folder destination needs path")
+        else:
+            raise SettingsError(f"destinations.{d.name}: type must be dicom or folder, got {d.type!r}")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise SettingsError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level!r}")
 
@@ -193,6 +293,9 @@ def _apply(base: Settings, values: Mapping[str, Any], source: str, from_text: bo
     """Overlay a nested mapping ``{section: {key: value}}`` on ``base``."""
     top: dict[str, Any] = {}
     for section, body in values.items():
+        if section == "destinations":
+            top["destinations"] = _destinations(body, source)
+            continue
         if section in _TOP_LEVEL:
             top[section] = _coerce(body, str, f"{section} ({source})", from_text)
             continue
@@ -213,6 +316,33 @@ def _apply(base: Settings, values: Mapping[str, Any], source: str, from_text: bo
     return dataclasses.replace(base, **top)
 
 
+def _destinations(value: Any, source: str) -> list[Destination]:
+    """``[[destinations]]`` tables, or specs (``AET@host:port``, ``folder:PATH``) as a list or comma-separated text."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise SettingsError(f"destinations must be a list ({source})")
+    out = []
+    hints = typing.get_type_hints(Destination)
+    for i, item in enumerate(value):
+        if isinstance(item, Destination):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(Destination.parse(item))
+        elif isinstance(item, Mapping):
+            known = {f.name for f in dataclasses.fields(Destination)}
+            unknown = set(item) - known
+            if unknown:
+                raise SettingsError(f"destinations[{i}]: unknown setting(s) {sorted(unknown)} ({source})")
+            if "name" not in item or "type" not in item:
+                raise SettingsError(f"destinations[{i}] needs name and type ({source})")
+            kw = {k: _coerce(v, hints[k], f"destinations[{i}].{k} ({source})", False) for k, v in item.items()}
+            out.append(Destination(**kw))
+        else:
+            raise SettingsError(f"destinations[{i}] must be a table or a spec string ({source})")
+    return out
+
+
 def env_name(dotted: str) -> str:
     """``listener.port`` -> ``CXR_TRIAGE_LISTENER_PORT``."""
     return ENV_PREFIX + dotted.replace(".", "_").upper()
@@ -226,7 +356,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
             name = env_name(f"{section}.{f.name}")
             if name in environ:
                 out.setdefault(section, {})[f.name] = environ[name]
-    for key in _TOP_LEVEL:
+    for key in _TOP_LEVEL | {"destinations"}:
         if env_name(key) in environ:
             out[key] = environ[env_name(key)]
     return out
@@ -263,7 +393,9 @@ def load_settings(
         for dotted, value in overrides.items():
             if value is None:
                 continue
-            if "." in dotted:
+            if dotted == "destinations":
+                nested["destinations"] = list(value)
+            elif "." in dotted:
                 section, key = dotted.split(".", 1)
                 nested.setdefault(section, {})[key] = value
             else:

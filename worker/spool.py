@@ -70,6 +70,11 @@ class Spool:
         bucket = hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()[:2]
         return f"{bucket}/{sop_instance_uid}.dcm"
 
+    @staticmethod
+    def result_relpath_for(sop_instance_uid: str) -> str:
+        """``results/ab/<uid>.dcm``: result objects live in the spool too, durable until sent."""
+        return "results/" + Spool.relpath_for(sop_instance_uid)
+
     def path(self, relpath: str) -> Path:
         """Absolute path of a stored object; refuses anything that leaves the spool."""
         p = (self.root / relpath).resolve()
@@ -116,7 +121,7 @@ class Spool:
     def remove_stale_temp_files(self) -> int:
         """Delete temporary files left by a crash mid-write (their C-STORE never succeeded)."""
         n = 0
-        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
+        for tmp in [*self.root.glob(f"*/{TMP_PREFIX}*"), *self.root.glob(f"results/*/{TMP_PREFIX}*")]:
             try:
                 tmp.unlink()
                 n += 1

@@ -1,0 +1,168 @@
+"""Delivery of result objects: C-STORE to DICOM peers, or files in a folder.
+
+Every result object is durably in the spool (``results/``) and its delivery row committed
+before any send is tried, so a failed send loses nothing. A send that fails is retried with
+exponential backoff and jitter (``send.backoff_seconds`` doubling up to
+``send.backoff_max_seconds``, +/- ``send.jitter``), up to ``send.max_attempts``; then the row is
+``send_failed`` with the last DIMSE status or network error, and ``cxr-triage resend`` puts it
+back.
+
+C-STORE warnings 0xB000 (coercion of data elements), 0xB006 (elements discarded) and 0xB007
+(data set does not match SOP class) mean the peer stored the object (PS3.4 B.2.3), so they count
+as delivered. The association proposes only the presentation contexts the objects need
+(their SOP classes, in Explicit VR Little Endian, as written).
+
+Result UIDs are deterministic (worker/results.py), so sending the same object twice replaces it
+in PACS rather than duplicating it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+
+from worker import jobs
+from worker.settings import Destination, Settings
+from worker.spool import Spool, SpoolError
+
+log = logging.getLogger(__name__)
+
+DELIVERED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+@dataclass
+class SendReport:
+    """What one pass over due deliveries did."""
+
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None = None) -> float:
+    """Delay after failed attempt number ``attempt`` (1-based): exponential, capped, jittered."""
+    se = settings.send
+    base = min(se.backoff_max_seconds, se.backoff_seconds * 2 ** max(attempt - 1, 0))
+    r = (rng or random).uniform(-se.jitter, se.jitter)
+    return max(0.0, base * (1.0 + r))
+
+
+def _to_folder(dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim]) -> list[tuple[int | None, str | None]]:
+    """Copy each object durably to ``<path>/<sop_instance_uid>.dcm`` (atomic, fsync'd)."""
+    assert dest.path is not None
+    target = Spool(dest.path, fsync=spool.fsync)
+    out: list[tuple[int | None, str | None]] = []
+    for d in items:
+        try:
+            data = spool.path(d.path).read_bytes()
+            target.write(f"{d.sop_instance_uid}.dcm", data)
+            out.append((None, None))
+        except (OSError, SpoolError) as exc:
+            out.append((None, f"folder {dest.path}: {getattr(exc, 'strerror', None) or exc}"))
+    return out
+
+
+def _to_peer(
+    dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim], settings: Settings
+) -> list[tuple[int | None, str | None]]:
+    """C-STORE each object over one association; (status, error) per object."""
+    ae = AE(ae_title=dest.calling_ae_title or settings.listener.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.send.timeout
+    for sop_class in sorted({d.sop_class_uid for d in items}):
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    datasets = []
+    for d in items:
+        try:
+            datasets.append(dcmread(spool.path(d.path)))
+        except (OSError, ValueError) as exc:
+            datasets.append(exc)
+    if all(isinstance(ds, Exception) for ds in datasets):
+        return [(None, f"result object unreadable: {ds}") for ds in datasets]
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    except Exception as exc:  # DNS failure and the like
+        return [(None, f"{dest.name}: cannot associate: {exc}")] * len(items)
+    if not assoc.is_established:
+        # pynetdicom reports a refused or timed-out TCP connection as an abort
+        why = "association rejected" if assoc.is_rejected else "no association (connection refused, timed out or aborted)"
+        return [(None, f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {why}")] * len(items)
+    out: list[tuple[int | None, str | None]] = []
+    try:
+        for ds in datasets:
+            if isinstance(ds, Exception):
+                out.append((None, f"result object unreadable: {ds}"))
+                continue
+            if not assoc.is_established:
+                out.append((None, f"{dest.name}: association lost"))
+                continue
+            try:
+                rsp = assoc.send_c_store(ds)
+            except Exception as exc:
+                out.append((None, f"{dest.name}: C-STORE error: {exc}"))
+                continue
+            if rsp is None or "Status" not in rsp:
+                out.append((None, f"{dest.name}: no response (timeout or abort)"))
+                continue
+            status = int(rsp.Status)
+            if status in DELIVERED:
+                out.append((status, None))
+            else:
+                comment = str(rsp.get("ErrorComment", "")).strip()
+                out.append((status, f"{dest.name}: status 0x{status:04X}" + (f" ({comment})" if comment else "")))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out
+
+
+def send_due(
+    db: jobs.Database, spool: Spool, settings: Settings, *, only: Sequence[int] | None = None, limit: int = 256
+) -> SendReport:
+    """Send every due delivery (or only the given ids); mark each sent, retrying or send_failed."""
+    t0 = time.perf_counter()
+    report = SendReport()
+    claims = jobs.claim_deliveries(db, limit, settings.send.lease_seconds, only=only)
+    if not claims:
+        return report
+    by_dest: dict[str, list[jobs.DeliveryClaim]] = defaultdict(list)
+    for c in claims:
+        by_dest[c.destination].append(c)
+    configured = {d.name: d for d in settings.result_destinations}
+    for name, items in by_dest.items():
+        dest = configured.get(name)
+        if dest is None:
+            results = [(None, f"destination {name!r} is no longer configured")] * len(items)
+        elif dest.type == "folder":
+            results = _to_folder(dest, spool, items)
+        else:
+            results = _to_peer(dest, spool, items, settings)
+        for claim, (status, error) in zip(items, results):
+            if error is None:
+                jobs.mark_sent(db, claim.id, status)
+                report.sent += 1
+                continue
+            state = jobs.mark_retry(
+                db, claim.id, status=status, error=error,
+                delay_seconds=backoff_seconds(claim.attempts, settings),
+                max_attempts=settings.send.max_attempts,
+            )
+            report.errors.append(error)
+            if state == jobs.SendState.FAILED.value:
+                report.failed += 1
+                log.error("delivery of %s to %s failed for good: %s", claim.sop_instance_uid, name, error)
+            else:
+                report.retrying += 1
+                log.warning("delivery of %s to %s will be retried (attempt %d): %s", claim.sop_instance_uid, name,
+                            claim.attempts, error)
+    report.seconds = time.perf_counter() - t0
+    return report
