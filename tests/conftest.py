@@ -159,3 +159,15 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool: 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real Orthanc on free loopback ports; stopped (by pid) after the test."""
+    if shutil.which("Orthanc") is None:
+        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
+    from orthanc import Orthanc
+
+    o = Orthanc(tmp_path / "orthanc")
+    yield o
+    o.stop()

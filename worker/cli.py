@@ -1,8 +1,9 @@
 """``cxr-triage``: one command, with subcommands; each entry is ``main(argv=None) -> int``.
 
 Subcommands: ``serve`` (listener + batches), ``batch`` (batches only; ``--once`` drains the
-queue and exits, for cron or systemd timers), ``query`` and ``status`` (the triage database),
-``migrate`` (schema upgrade; also done on every start).
+queue, sends what is due and exits, for cron or systemd timers), ``query`` and ``status`` (the
+triage database), ``resend`` (failed deliveries back to the queue), ``migrate`` (schema
+upgrade; also done on every start).
 
 Exit status: 0 success, 1 runtime failure, 2 bad usage or configuration.
 """
@@ -38,6 +39,9 @@ def _node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="folder with model.xml, model.bin, model.json [model.path]")
     p.add_argument("--precision", choices=["f32", "bf16", "f16", "int8"], help="override the model card [model.precision]")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per batch [batch.size]")
+    p.add_argument("--destination", action="append", metavar="SPEC",
+                   help="result destination AET@host:port or folder:PATH, repeatable [destinations]")
+    p.add_argument("--schedule", choices=["continuous", "interval", "cron"], help="[schedule.mode]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--format", choices=["table", "json"], default="table")
 
+    p = sub.add_parser("resend", help="put failed deliveries back to the queue")
+    _common(p)
+    p.add_argument("--sop", metavar="UID", help="only this source image or result object")
+    p.add_argument("--to", metavar="NAME", help="only this destination")
+    p.add_argument("--now", action="store_true", help="also try to send them now (needs the destinations configured)")
+
     p = sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
     _common(p)
     return parser
@@ -93,6 +103,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("port", "listener.port"),
         ("ae_title", "listener.ae_title"),
         ("bind", "listener.bind_address"),
+        ("destination", "destinations"),
+        ("schedule", "schedule.mode"),
     ):
         if hasattr(args, flag):
             overrides[key] = getattr(args, flag)
@@ -129,10 +141,14 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     db, spool = open_storage(settings)
     try:
         if args.once:
+            from worker import sender
+
             report = pipeline.drain(db, spool, engine, settings, pipeline.worker_id())
+            sent = sender.send_due(db, spool, settings)
             print(
                 f"screened {report.done}, skipped {report.skipped}, failed {report.failed} "
-                f"of {report.claimed} claimed in {report.seconds:.1f} s"
+                f"of {report.claimed} claimed in {report.seconds:.1f} s; "
+                f"results sent {sent.sent}, retrying {sent.retrying}, send_failed {sent.failed}"
             )
             return 0
         import signal
@@ -181,7 +197,18 @@ def _query_rows(args: argparse.Namespace, db: jobs.Database) -> list[dict[str, A
     if args.limit:
         stmt = stmt.limit(args.limit)
     with db.sessions() as s:
-        return [row.as_dict() for row in s.scalars(stmt)]
+        found = list(s.scalars(stmt))
+    rows = [row.as_dict() for row in found]
+    if not args.events:
+        sends = jobs.deliveries_of(db, [r.id for r in found])
+        for row, out in zip(found, rows):
+            out["deliveries"] = sends.get(row.id, [])
+            states = {d["state"] for d in out["deliveries"]}
+            out["send_state"] = (
+                None if not states else "send_failed" if "send_failed" in states
+                else "pending_send" if "pending_send" in states else "sent"
+            )
+    return rows
 
 
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -213,7 +240,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
             r["probability"] = r["probabilities"][r["predicted_class"]] if r["probabilities"] else None
     if args.format == "csv":
         classes = sorted({k for r in rows for k in (r.get("probabilities") or {})})
-        fields = [k for k in (rows[0] if rows else {}) if k != "probabilities"]
+        fields = [k for k in (rows[0] if rows else {}) if k not in ("probabilities", "deliveries")]
         writer = csv.writer(sys.stdout)
         writer.writerow(fields + [f"p_{c}" for c in classes])
         for r in rows:
@@ -225,7 +252,8 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     else:
         _print_table(
             rows,
-            ["sop_instance_uid", "state", "predicted_class", "probability", "priority", "received_at", "reason"],
+            ["sop_instance_uid", "state", "predicted_class", "probability", "priority", "send_state", "received_at",
+             "reason"],
         )
     print(f"({len(rows)} rows)")
     return 0
@@ -236,6 +264,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     try:
         counts = jobs.counts(db)
         oldest = jobs.oldest_waiting(db)
+        sends = jobs.delivery_counts(db)
         with db.sessions() as s:
             refused = len(list(s.scalars(select(jobs.IntakeEvent.id).where(jobs.IntakeEvent.kind != "duplicate"))))
     finally:
@@ -244,6 +273,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         "counts": {st.value: counts.get(st.value, 0) for st in jobs.State},
         "total": sum(counts.values()),
         "intake_refusals": refused,
+        "deliveries": {st.value: sends.get(st.value, 0) for st in jobs.SendState},
         "oldest_waiting": None,
     }
     if oldest is not None:
@@ -256,12 +286,33 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{state:<10}{n:>8}")
     print(f"{'total':<10}{out['total']:>8}")
     print(f"intake refusals and conflicts: {refused}")
+    print("deliveries: " + ", ".join(f"{k} {v}" for k, v in out["deliveries"].items()))
     if out["oldest_waiting"]:
         o = out["oldest_waiting"]
         print(f"oldest waiting: {o['sop_instance_uid']} ({o['age_seconds']:.0f} s)")
     else:
         print("oldest waiting: none")
     return 0
+
+
+def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
+    db = jobs.Database.open(settings.storage.url)
+    try:
+        n = jobs.resend(db, sop_instance_uid=args.sop, destination=args.to)
+        print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again")
+        if args.now and n:
+            from worker import sender
+            from worker.node import open_storage
+
+            db2, spool = open_storage(settings)
+            try:
+                rep = sender.send_due(db2, spool, settings)
+            finally:
+                db2.close()
+            print(f"sent {rep.sent}, retrying {rep.retrying}, send_failed {rep.failed}")
+        return 0
+    finally:
+        db.close()
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -272,7 +323,14 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "batch": cmd_batch, "query": cmd_query, "status": cmd_status, "migrate": cmd_migrate}
+COMMANDS = {
+    "serve": cmd_serve,
+    "batch": cmd_batch,
+    "query": cmd_query,
+    "status": cmd_status,
+    "resend": cmd_resend,
+    "migrate": cmd_migrate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

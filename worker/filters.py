@@ -73,6 +73,11 @@ def _view_code_meaning(ds: pydicom.Dataset) -> str:
     return str(seq[0].get("CodeMeaning", "") or "").strip().lower()
 
 
+#: Written into every result object (worker/results.py); kept here to avoid importing highdicom.
+OWN_SERIES_DESCRIPTION = "AI triage - not for diagnosis"
+OWN_MANUFACTURER = "cxr-triage"
+
+
 def check(ds: pydicom.Dataset) -> str | None:
     """Header-only (never decodes pixels): None when the object looks like a frontal chest radiograph we can read; otherwise a reason a person can read, which becomes a 'skipped' row. Rules: no PixelData -> "no pixel data"; Modality not CR/DX -> skip, EXCEPT Secondary Capture (SOPClassUID 1.2.840.10008.5.1.4.1.1.7 and its multi-frame greyscale variants 1.2.840.10008.5.1.4.1.1.7.2/.7.3) which passes only with chest evidence (BodyPartExamined CHEST/THORAX, or StudyDescription/SeriesDescription/ProtocolName mentioning chest, thorax, lung, CXR, or pneumonia/covid); ViewPosition lateral (LL, RL, LATERAL, LLD, RLD...) -> "lateral view"; BodyPartExamined present and not chest-like -> e.g. "body part KNEE is not chest"; PhotometricInterpretation not MONOCHROME1/2 -> "not greyscale (RGB)"; SamplesPerPixel != 1.
 
@@ -88,6 +93,11 @@ def check(ds: pydicom.Dataset) -> str | None:
     """
     if "PixelData" not in ds:
         return "no pixel data"
+
+    # Our own result objects routed back by PACS (the SC carries the source's descriptions and
+    # could otherwise pass as chest evidence): never screen them, or results would loop.
+    if _text(ds, "SeriesDescription") == OWN_SERIES_DESCRIPTION or _text(ds, "Manufacturer") == OWN_MANUFACTURER:
+        return "a cxr-triage result object, not a source image"
 
     modality = _text(ds, "Modality").upper()
     if modality not in ACCEPTED_MODALITIES:

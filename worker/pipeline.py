@@ -1,4 +1,4 @@
-"""The batch pipeline: claim -> read -> filter -> preprocess -> infer -> triage -> store.
+"""The batch pipeline: claim -> read -> filter -> preprocess -> infer -> build result -> store -> send.
 
 ``run_batch`` reads top to bottom as one function on purpose: it is the whole life of a job
 after intake. It shares nothing with the listener but the database and the spool.
@@ -10,7 +10,9 @@ Where a job ends:
 * ``failed``: something on our side went wrong (stored file unreadable, inference error).
   It goes back to ``queued`` until ``batch.max_attempts`` is reached, keeping the last reason.
 * ``done``: probabilities, predicted class and triage priority stored with the model's
-  name, version and precision.
+  name, version and precision, in the same commit as one delivery row per result object and
+  destination; the result objects are already durable in the spool. Sending comes after the
+  commit, so a failed send loses nothing (worker/sender.py retries it).
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from io import BytesIO
 from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from worker import filters, imaging, jobs
+from worker import filters, imaging, jobs, results, sender
 from worker.engine import Engine
 from worker.jobs import Outcome, State
 from worker.modelcard import triage
 from worker.settings import Settings
-from worker.spool import Spool
+from worker.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,9 @@ class BatchReport:
 def run_batch(db: jobs.Database, spool: Spool, engine: Engine, settings: Settings, owner: str) -> BatchReport:
     """Claim up to ``batch.size`` jobs and take each to done, skipped or failed."""
     t_start = time.perf_counter()
-    stage = {"claim": 0.0, "read": 0.0, "filter": 0.0, "preprocess": 0.0, "infer": 0.0, "store": 0.0}
+    stage = {"claim": 0.0, "read": 0.0, "filter": 0.0, "preprocess": 0.0, "infer": 0.0, "build": 0.0, "store": 0.0,
+             "send": 0.0}
+    card = engine.card
     spec = imaging.PreprocessSpec.from_card(engine.card.raw)
     spec = imaging.PreprocessSpec(**{**spec.__dict__, "max_bytes": settings.model.max_image_mb * 2**20})
 
@@ -78,7 +84,7 @@ def run_batch(db: jobs.Database, spool: Spool, engine: Engine, settings: Setting
         return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=stage)
 
     outcomes: dict[int, Outcome] = {}
-    ready: list[tuple[jobs.Claimed, np.ndarray, dict[str, float]]] = []
+    ready: list[tuple[jobs.Claimed, Dataset, np.ndarray, dict[str, float]]] = []
     for job in claimed:
         timing: dict[str, float] = {}
 
@@ -117,48 +123,87 @@ def run_batch(db: jobs.Database, spool: Spool, engine: Engine, settings: Setting
             log.exception("preprocessing %s failed", job.sop_instance_uid)
             outcomes[job.id] = Outcome(job.id, State.FAILED, f"preprocessing error: {type(exc).__name__}: {exc}")
             continue
-        del ds
+        if not settings.send.secondary_capture:
+            del ds.PixelData  # the SR needs the header only; keep memory flat
         timing["preprocess_ms"] = (time.perf_counter() - t) * 1e3
         stage["preprocess"] += time.perf_counter() - t
-        ready.append((job, tensor, timing))
+        ready.append((job, ds, tensor, timing))
 
-    # 5. infer the batch, 6. triage each result
+    # 5. infer the batch
+    probs_rows: list[dict[str, float]] = []
     if ready:
         t = time.perf_counter()
         try:
-            rows = engine.probabilities(np.stack([x for _, x, _ in ready]))
+            probs_rows = engine.probabilities(np.stack([x for _, _, x, _ in ready]))
         except Exception as exc:
             log.exception("inference failed for a batch of %d", len(ready))
-            for job, _, timing in ready:
+            for job, _, _, _ in ready:
                 outcomes[job.id] = Outcome(job.id, State.FAILED, f"inference failed: {type(exc).__name__}: {exc}")
-        else:
-            per_image_ms = (time.perf_counter() - t) * 1e3 / len(ready)
-            for (job, _, timing), probs in zip(ready, rows):
-                timing["infer_ms"] = per_image_ms
-                decision = triage(probs, engine.card)
-                outcomes[job.id] = Outcome(
-                    job.id,
-                    State.DONE,
-                    predicted_class=max(probs, key=probs.__getitem__),
-                    probabilities={k: round(float(v), 6) for k, v in probs.items()},
-                    priority=decision.priority,
-                    triage_reason=decision.reason,
-                    timings={k: round(v, 3) for k, v in timing.items()},
-                )
+            ready = []
         stage["infer"] += time.perf_counter() - t
+        per_image_ms = (time.perf_counter() - t) * 1e3 / max(len(ready), 1)
 
-    # 7. store results and mark, in one commit
+    # 6. triage each image and build its result objects (durable in the spool before the commit)
+    deliveries: dict[int, list[jobs.NewDelivery]] = {}
+    destinations = settings.result_destinations
+    t = time.perf_counter()
+    for (job, ds, _, timing), probs in zip(ready, probs_rows):
+        timing["infer_ms"] = per_image_ms
+        decision = triage(probs, card)
+        predicted = max(probs, key=probs.__getitem__)
+        rounded = {k: round(float(v), 6) for k, v in probs.items()}
+        result = results.TriageResult(
+            predicted_class=predicted, probabilities=rounded, priority=decision.priority,
+            triage_reason=decision.reason, thresholds=dict(card.thresholds), model_name=card.name,
+            model_version=card.version, model_sha256=card.bin_sha256, model_precision=engine.precision,
+        )
+        tb = time.perf_counter()
+        try:
+            objects = [("sr", results.build_sr(ds, result))]
+            if settings.send.secondary_capture:
+                objects.append(("sc", results.build_sc(ds, result)))
+            items: list[jobs.NewDelivery] = []
+            for kind, obj in objects:
+                rel = Spool.result_relpath_for(str(obj.SOPInstanceUID))
+                spool.write(rel, _encode(obj))
+                items += [
+                    jobs.NewDelivery(d.name, kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), rel)
+                    for d in destinations
+                ]
+        except SpoolError as exc:
+            outcomes[job.id] = Outcome(job.id, State.FAILED, f"could not store result object: {exc.strerror}")
+            continue
+        except Exception as exc:  # a source header the result builder cannot use
+            log.exception("building the result of %s failed", job.sop_instance_uid)
+            outcomes[job.id] = Outcome(job.id, State.FAILED, f"could not build result: {type(exc).__name__}: {exc}")
+            continue
+        timing["build_ms"] = (time.perf_counter() - tb) * 1e3
+        deliveries[job.id] = items
+        outcomes[job.id] = Outcome(
+            job.id, State.DONE, predicted_class=predicted, probabilities=rounded, priority=decision.priority,
+            triage_reason=decision.reason, timings={k: round(v, 3) for k, v in timing.items()},
+        )
+    stage["build"] += time.perf_counter() - t
+
+    # 7. store results, deliveries and states in one commit
     t = time.perf_counter()
     jobs.finish(
         db,
         owner,
         outcomes.values(),
-        model_name=engine.card.name,
-        model_version=engine.card.version,
+        deliveries=deliveries,
+        model_name=card.name,
+        model_version=card.version,
         model_precision=engine.precision,
         max_attempts=settings.batch.max_attempts,
     )
     stage["store"] += time.perf_counter() - t
+
+    # 8. send what is due (this batch's results, and retries that have come due)
+    t = time.perf_counter()
+    if deliveries:
+        sender.send_due(db, spool, settings)
+    stage["send"] += time.perf_counter() - t
 
     report = BatchReport(
         claimed=len(claimed),
@@ -173,6 +218,13 @@ def run_batch(db: jobs.Database, spool: Spool, engine: Engine, settings: Setting
         report.claimed, report.done, report.skipped, report.failed, report.seconds,
     )
     return report
+
+
+def _encode(ds: Dataset) -> bytes:
+    """A result object in the DICOM file format (PS3.10), ready for the spool."""
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def drain(

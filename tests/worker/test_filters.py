@@ -206,3 +206,17 @@ def test_real_chest_dicoms_pass() -> None:
     for path in files:
         ds = pydicom.dcmread(path, force=True)
         assert filters.check(ds) is None, path.name
+
+
+def test_own_result_objects_are_never_screened() -> None:
+    """A Secondary Capture we produced, routed back by PACS, must not be screened again."""
+    from support import SC_STORAGE, make_image
+
+    sc = make_image(sop_class=SC_STORAGE, modality="OT", body_part=None)
+    sc.StudyDescription = "CHEST PA"
+    assert filters.check(sc) is None  # chest evidence alone would pass it
+    sc.SeriesDescription = "AI triage - not for diagnosis"
+    assert filters.check(sc) == "a cxr-triage result object, not a source image"
+    cr = make_image()
+    cr.Manufacturer = "cxr-triage"
+    assert "result object" in filters.check(cr)

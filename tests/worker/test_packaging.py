@@ -11,8 +11,15 @@ from support import REPO
 WORKER_MODULES = [
     "worker.cli", "worker.settings", "worker.listener", "worker.spool", "worker.jobs", "worker.imaging",
     "worker.filters", "worker.modelcard", "worker.engine", "worker.pipeline", "worker.scheduler", "worker.node",
-    "worker.toymodel",
+    "worker.toymodel", "worker.results", "worker.sender",
 ]
+
+
+def test_filter_and_results_agree_on_own_markers() -> None:
+    from worker import filters, results
+
+    assert filters.OWN_SERIES_DESCRIPTION == results.SERIES_DESCRIPTION
+    assert filters.OWN_MANUFACTURER == results.MANUFACTURER
 
 
 def test_worker_never_imports_torch() -> None:
