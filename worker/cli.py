@@ -45,7 +45,10 @@ def _node_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxr-triage", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="cxr-triage",
+        description="Chest X-ray triage node: DICOM intake, durable queue, OpenVINO screening, results to PACS.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="receive DICOM and screen it (listener + batch scheduler)")
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sop", metavar="UID", help="only this source image or result object")
     p.add_argument("--to", metavar="NAME", help="only this destination")
     p.add_argument("--now", action="store_true", help="also try to send them now (needs the destinations configured)")
+
+    for name, (_, text) in UPSTREAM.items():
+        sub.add_parser(name, help=text, add_help=False)
 
     p = sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
     _common(p)
@@ -333,8 +339,37 @@ COMMANDS = {
 }
 
 
+#: Subcommands of the upstream stages: dispatched to their own CLIs, imported only when used, so
+#: the edge worker never imports torch (they need the ``train`` extra).
+UPSTREAM = {
+    "train": ("training.cli", "train a model from a manifest (extra: train)"),
+    "evaluate": ("training.cli", "evaluate runs and folds (extra: train)"),
+    "report": ("training.cli", "write the experiment report (extra: train)"),
+    "convert": ("conversion.cli", "convert a checkpoint to an OpenVINO IR + model card (extra: train)"),
+}
+
+
+def _upstream(command: str, rest: Sequence[str]) -> int:
+    module_name, _ = UPSTREAM[command]
+    try:
+        import importlib
+
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        print(
+            f"cxr-triage {command}: needs the training dependencies ({exc.name or exc}); "
+            "install them with: pip install 'cxr-triage[train]'",
+            file=sys.stderr,
+        )
+        return 2
+    return int(module.main([command, *rest]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cxr-triage``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in UPSTREAM:
+        return _upstream(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)

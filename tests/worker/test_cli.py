@@ -162,3 +162,22 @@ def test_batch_once_drains_a_queue_filled_by_a_listener_only_node(tmp_path: Path
     assert cli.main(["batch", "--once", "--data-dir", str(data_dir), "--model", str(toy_model)]) == 0
     assert [r["state"] for r in _query(data_dir)] == ["done"] * 5
     assert cli.main(["migrate", "--data-dir", str(data_dir)]) == 0
+
+
+def test_upstream_commands_are_dispatched_lazily(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cxr-triage train|evaluate|report|convert` go to their stage's CLI; a missing extra is a clear error."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_training(name: str, *a, **k):  # type: ignore[no-untyped-def]
+        if name.startswith(("training.cli", "conversion.cli")):
+            raise ImportError("No module named 'torch'", name="torch")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_training)
+    import importlib
+
+    monkeypatch.setattr(importlib, "import_module", lambda n: no_training(n))
+    assert cli.main(["convert", "x.pt", "--out", "y"]) == 2
+    assert "pip install 'cxr-triage[train]'" in capsys.readouterr().err
