@@ -57,6 +57,7 @@ class Node:
     engine: "Engine | None" = None
     server: Any = None
     scheduler: "BatchScheduler | None" = None
+    health: Any = None
     stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -68,10 +69,24 @@ class Node:
             )
         self.db, self.spool = open_storage(self.settings)
         self.server = listener.start(self.settings, listener.Intake(self.db, self.spool, self.settings))
+        on_batch = None
+        if self.settings.health.enabled:
+            from worker.health import HealthServer, NodeState
+
+            card = self.engine.card if self.engine is not None else None
+            state = NodeState(
+                self.settings, self.db, self.spool,
+                model_name=card.name if card else None, model_version=card.version if card else None,
+                model_precision=self.engine.precision if self.engine is not None else None,
+                batch_enabled=self.batch,
+            )
+            h = self.settings.health
+            self.health = HealthServer(state, h.bind_address, h.port).start()
+            on_batch = self.health.metrics.observe
         if self.batch and self.engine is not None:
             from worker.scheduler import BatchScheduler
 
-            self.scheduler = BatchScheduler(self.db, self.spool, self.engine, self.settings)
+            self.scheduler = BatchScheduler(self.db, self.spool, self.engine, self.settings, on_batch=on_batch)
             self.scheduler.start()
 
     @property
@@ -87,6 +102,8 @@ class Node:
             self.server.shutdown()
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.health is not None:
+            self.health.stop()
         if self.db is not None:
             self.db.close()
         self.stopped.set()

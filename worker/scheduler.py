@@ -88,12 +88,14 @@ class BatchScheduler:
         settings: Settings,
         *,
         clock: Callable[[], dt.datetime] = jobs.utcnow,
+        on_batch: Callable[[pipeline.BatchReport], None] | None = None,
     ) -> None:
         self.db = db
         self.spool = spool
         self.engine = engine
         self.settings = settings
         self.clock = clock
+        self.on_batch = on_batch
         self.owner = pipeline.worker_id()
         self.stopping = threading.Event()
         self.total = pipeline.BatchReport()
@@ -116,6 +118,8 @@ class BatchScheduler:
         self.runs += 1
         report = pipeline.drain(self.db, self.spool, self.engine, self.settings, self.owner, should_stop=stop)
         self.total.add(report)
+        if self.on_batch is not None:
+            self.on_batch(report)
         return report
 
     def _run(self) -> None:

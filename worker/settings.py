@@ -115,6 +115,15 @@ class SendSettings:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """The HTTP health and metrics endpoint (off by default, loopback by default)."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: int = 9110
+
+
+@dataclass(frozen=True)
 class Destination:
     """Where result objects go: a DICOM peer (C-STORE) or a local folder."""
 
@@ -153,6 +162,7 @@ class Settings:
     batch: BatchSettings = field(default_factory=BatchSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     send: SendSettings = field(default_factory=SendSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
     destinations: list[Destination] | None = None
     log_level: str = "INFO"
 
@@ -171,6 +181,7 @@ _SECTIONS: dict[str, type] = {
     "batch": BatchSettings,
     "schedule": ScheduleSettings,
     "send": SendSettings,
+    "health": HealthSettings,
 }
 _TOP_LEVEL = {"log_level"}
 
@@ -273,6 +284,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("send.backoff_seconds must be > 0 and <= send.backoff_max_seconds")
     if not 0 <= se.jitter < 1:
         raise SettingsError("send.jitter must be in [0, 1)")
+    if not 0 <= s.health.port <= 65535:
+        raise SettingsError(f"health.port must be 0-65535, got {s.health.port}")
     names = [d.name for d in s.destinations or []]
     if len(names) != len(set(names)):
         raise SettingsError(f"destinations: names must be unique, got {names}")
