@@ -165,9 +165,13 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
+        from worker.node import sd_notify
+
         sched = BatchScheduler(db, spool, engine, settings)
         sched.start()
+        sd_notify("READY=1\nSTATUS=batch scheduler running")
         stop.wait()
+        sd_notify("STOPPING=1")
         sched.stop()
         return 0
     finally:

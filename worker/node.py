@@ -8,7 +8,9 @@ listener first (no new associations), then let the running batch commit, then ex
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,27 @@ if TYPE_CHECKING:  # a listener-only process (serve --no-batch) never loads Open
     from worker.scheduler import BatchScheduler
 
 log = logging.getLogger(__name__)
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (``Type=notify``) about our state: ``READY=1``, ``STOPPING=1``.
+
+    The sd_notify protocol is one datagram to the unix socket named by ``NOTIFY_SOCKET``
+    (``@`` = abstract namespace); without that variable this does nothing.
+    """
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr)
+            sock.sendall(message.encode())
+        return True
+    except OSError:
+        log.warning("could not notify systemd (%s)", message)
+        return False
 
 
 def open_storage(settings: Settings) -> tuple[jobs.Database, Spool]:
@@ -120,6 +143,8 @@ class Node:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         print(f"cxr-triage listening as {self.settings.listener.ae_title} on port {self.port}", flush=True)
+        sd_notify(f"READY=1\nSTATUS=listening on port {self.port}")
         done.wait()
+        sd_notify("STOPPING=1")
         self.stop()
         return 0
