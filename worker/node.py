@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from worker import audit as audit_log
 from worker import jobs, listener
 from worker.settings import Settings, SettingsError
 from worker.spool import Spool
@@ -81,6 +82,7 @@ class Node:
     server: Any = None
     scheduler: "BatchScheduler | None" = None
     health: Any = None
+    audit: audit_log.AuditLog = field(default_factory=lambda: audit_log.NULL)
     stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -91,7 +93,9 @@ class Node:
                 "model %s %s loaded (precision %s)", self.engine.card.name, self.engine.card.version, self.engine.precision
             )
         self.db, self.spool = open_storage(self.settings)
-        self.server = listener.start(self.settings, listener.Intake(self.db, self.spool, self.settings))
+        self.audit = audit_log.AuditLog(self.settings.storage.audit_path)
+        self._audit_start()
+        self.server = listener.start(self.settings, listener.Intake(self.db, self.spool, self.settings, self.audit))
         on_batch = None
         if self.settings.health.enabled:
             from worker.health import HealthServer, NodeState
@@ -109,8 +113,26 @@ class Node:
         if self.batch and self.engine is not None:
             from worker.scheduler import BatchScheduler
 
-            self.scheduler = BatchScheduler(self.db, self.spool, self.engine, self.settings, on_batch=on_batch)
+            self.scheduler = BatchScheduler(
+                self.db, self.spool, self.engine, self.settings, on_batch=on_batch, audit=self.audit
+            )
             self.scheduler.start()
+
+    def _audit_start(self) -> None:
+        """Record the start, and whether the configuration or the model changed since the last one."""
+        import dataclasses
+
+        config_sha = audit_log.fingerprint(dataclasses.asdict(self.settings))
+        card = self.engine.card if self.engine is not None else None
+        model = {"model_name": card.name, "model_version": card.version, "model_sha256": card.bin_sha256} if card else {}
+        last = self.audit.last("node_started")
+        if last is not None and last.get("config_sha256") != config_sha:
+            self.audit.record("config_changed", previous=last.get("config_sha256"), current=config_sha)
+        if last is not None and card is not None and last.get("model_sha256") != card.bin_sha256:
+            self.audit.record("model_changed", previous_version=last.get("model_version"), current_version=card.version,
+                              previous_sha256=last.get("model_sha256"), current_sha256=card.bin_sha256)
+        self.audit.record("node_started", pid=os.getpid(), ae_title=self.settings.listener.ae_title,
+                          port=self.settings.listener.port, batch=self.batch, config_sha256=config_sha, **model)
 
     @property
     def port(self) -> int:
@@ -129,6 +151,8 @@ class Node:
             self.health.stop()
         if self.db is not None:
             self.db.close()
+        self.audit.record("node_stopped", pid=os.getpid())
+        self.audit.close()
         self.stopped.set()
 
     def run_forever(self) -> int:

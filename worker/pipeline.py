@@ -31,6 +31,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from worker import audit as audit_log
 from worker import filters, imaging, jobs, results, sender
 from worker.engine import Engine
 from worker.jobs import Outcome, State
@@ -67,7 +68,14 @@ class BatchReport:
             self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
 
 
-def run_batch(db: jobs.Database, spool: Spool, engine: Engine, settings: Settings, owner: str) -> BatchReport:
+def run_batch(
+    db: jobs.Database,
+    spool: Spool,
+    engine: Engine,
+    settings: Settings,
+    owner: str,
+    audit: audit_log.AuditLog = audit_log.NULL,
+) -> BatchReport:
     """Claim up to ``batch.size`` jobs and take each to done, skipped or failed."""
     t_start = time.perf_counter()
     stage = {"claim": 0.0, "read": 0.0, "filter": 0.0, "preprocess": 0.0, "infer": 0.0, "build": 0.0, "store": 0.0,
@@ -198,11 +206,18 @@ def run_batch(db: jobs.Database, spool: Spool, engine: Engine, settings: Setting
         max_attempts=settings.batch.max_attempts,
     )
     stage["store"] += time.perf_counter() - t
+    uids = {job.id: job.sop_instance_uid for job in claimed}
+    for o in outcomes.values():
+        audit.record("job_finished", sop_instance_uid=uids[o.job_id], state=o.state.value, reason=o.reason,
+                     predicted_class=o.predicted_class, priority=o.priority, model_version=card.version)
+        for d in deliveries.get(o.job_id, []) if o.state is State.DONE else []:
+            audit.record("result_produced", source_sop_instance_uid=uids[o.job_id], kind=d.kind,
+                         sop_instance_uid=d.sop_instance_uid, destination=d.destination)
 
     # 8. send what is due (this batch's results, and retries that have come due)
     t = time.perf_counter()
     if deliveries:
-        sender.send_due(db, spool, settings)
+        sender.send_due(db, spool, settings, audit=audit)
     stage["send"] += time.perf_counter() - t
 
     report = BatchReport(
@@ -228,12 +243,19 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def drain(
-    db: jobs.Database, spool: Spool, engine: Engine, settings: Settings, owner: str, *, should_stop: Callable[[], bool] | None = None
+    db: jobs.Database,
+    spool: Spool,
+    engine: Engine,
+    settings: Settings,
+    owner: str,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    audit: audit_log.AuditLog = audit_log.NULL,
 ) -> BatchReport:
     """Run batches until the queue is empty (or ``should_stop`` says so)."""
     total = BatchReport()
     while True:
-        report = run_batch(db, spool, engine, settings, owner)
+        report = run_batch(db, spool, engine, settings, owner, audit)
         total.add(report)
         if report.claimed == 0 or (should_stop is not None and should_stop()):
             return total

@@ -33,6 +33,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from worker import audit as audit_log
 from worker import jobs, pipeline, sender
 from worker.engine import Engine
 from worker.settings import Settings
@@ -89,6 +90,7 @@ class BatchScheduler:
         *,
         clock: Callable[[], dt.datetime] = jobs.utcnow,
         on_batch: Callable[[pipeline.BatchReport], None] | None = None,
+        audit: audit_log.AuditLog = audit_log.NULL,
     ) -> None:
         self.db = db
         self.spool = spool
@@ -96,6 +98,7 @@ class BatchScheduler:
         self.settings = settings
         self.clock = clock
         self.on_batch = on_batch
+        self.audit = audit
         self.owner = pipeline.worker_id()
         self.stopping = threading.Event()
         self.total = pipeline.BatchReport()
@@ -116,7 +119,9 @@ class BatchScheduler:
             return self.stopping.is_set() or (limit > 0 and time.monotonic() - t0 >= limit)
 
         self.runs += 1
-        report = pipeline.drain(self.db, self.spool, self.engine, self.settings, self.owner, should_stop=stop)
+        report = pipeline.drain(
+            self.db, self.spool, self.engine, self.settings, self.owner, should_stop=stop, audit=self.audit
+        )
         self.total.add(report)
         if self.on_batch is not None:
             self.on_batch(report)
@@ -130,7 +135,7 @@ class BatchScheduler:
 
     def _retry(self) -> None:
         try:
-            sender.send_due(self.db, self.spool, self.settings)
+            sender.send_due(self.db, self.spool, self.settings, audit=self.audit)
         except Exception:
             log.exception("delivery retry pass failed")
 

@@ -29,6 +29,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from worker import audit as audit_log
 from worker import jobs
 from worker.settings import Destination, Settings
 from worker.spool import Spool, SpoolError
@@ -126,7 +127,13 @@ def _to_peer(
 
 
 def send_due(
-    db: jobs.Database, spool: Spool, settings: Settings, *, only: Sequence[int] | None = None, limit: int = 256
+    db: jobs.Database,
+    spool: Spool,
+    settings: Settings,
+    *,
+    only: Sequence[int] | None = None,
+    limit: int = 256,
+    audit: audit_log.AuditLog = audit_log.NULL,
 ) -> SendReport:
     """Send every due delivery (or only the given ids); mark each sent, retrying or send_failed."""
     t0 = time.perf_counter()
@@ -149,6 +156,8 @@ def send_due(
         for claim, (status, error) in zip(items, results):
             if error is None:
                 jobs.mark_sent(db, claim.id, status)
+                audit.record("result_sent", sop_instance_uid=claim.sop_instance_uid, destination=name,
+                             status=f"0x{status:04X}" if status is not None else None, attempt=claim.attempts)
                 report.sent += 1
                 continue
             state = jobs.mark_retry(
@@ -157,6 +166,9 @@ def send_due(
                 max_attempts=settings.send.max_attempts,
             )
             report.errors.append(error)
+            audit.record("result_send_failed", sop_instance_uid=claim.sop_instance_uid, destination=name,
+                         status=f"0x{status:04X}" if status is not None else None, attempt=claim.attempts,
+                         final=state == jobs.SendState.FAILED.value, error=error)
             if state == jobs.SendState.FAILED.value:
                 report.failed += 1
                 log.error("delivery of %s to %s failed for good: %s", claim.sop_instance_uid, name, error)

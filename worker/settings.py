@@ -55,6 +55,12 @@ class StorageSettings:
     database_url: str | None = None
     disk_reserve_mb: int = 1024
     fsync: bool = True
+    audit_log: Path | None = None
+
+    @property
+    def audit_path(self) -> Path:
+        """The JSON-lines audit trail (``data_dir/audit.jsonl`` unless set)."""
+        return self.audit_log if self.audit_log is not None else self.data_dir / "audit.jsonl"
 
     @property
     def spool_path(self) -> Path:
