@@ -140,17 +140,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import pipeline
-    from worker.node import load_engine, open_storage
+    import os
+
+    from worker import audit as audit_log
+    from worker import pipeline, sender
+    from worker.node import load_engine, open_storage, sd_notify
 
     engine = load_engine(settings)
     db, spool = open_storage(settings)
+    audit = audit_log.AuditLog(settings.storage.audit_path)
+    audit.record("batch_started", pid=os.getpid(), once=bool(args.once), model_name=engine.card.name,
+                 model_version=engine.card.version, model_sha256=engine.card.bin_sha256)
     try:
         if args.once:
-            from worker import sender
-
-            report = pipeline.drain(db, spool, engine, settings, pipeline.worker_id())
-            sent = sender.send_due(db, spool, settings)
+            report = pipeline.drain(db, spool, engine, settings, pipeline.worker_id(), audit=audit)
+            sent = sender.send_due(db, spool, settings, audit=audit)
             print(
                 f"screened {report.done}, skipped {report.skipped}, failed {report.failed} "
                 f"of {report.claimed} claimed in {report.seconds:.1f} s; "
@@ -165,9 +169,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        from worker.node import sd_notify
-
-        sched = BatchScheduler(db, spool, engine, settings)
+        sched = BatchScheduler(db, spool, engine, settings, audit=audit)
         sched.start()
         sd_notify("READY=1\nSTATUS=batch scheduler running")
         stop.wait()
@@ -175,6 +177,8 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         sched.stop()
         return 0
     finally:
+        audit.record("batch_stopped", pid=os.getpid())
+        audit.close()
         db.close()
 
 

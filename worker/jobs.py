@@ -566,15 +566,15 @@ def finish(
     model_precision: str | None,
     max_attempts: int,
     now: dt.datetime | None = None,
-) -> int:
-    """Store the outcomes of a batch in one commit; return how many were applied.
+) -> set[int]:
+    """Store the outcomes of a batch in one commit; return the ids of the jobs applied.
 
     Only jobs still leased by ``owner`` are updated (a fence: a worker that lost its lease
     must not overwrite the work of the one that took over). A ``failed`` outcome with attempts
     left goes back to ``queued`` with its reason kept, so a person can see the last error.
     """
     now = now or utcnow()
-    applied = 0
+    applied: set[int] = set()
     with db.sessions.begin() as s:
         for o in outcomes:
             row = s.get(Instance, o.job_id)
@@ -602,7 +602,7 @@ def finish(
                 row.model_precision = model_precision
                 if deliveries and o.job_id in deliveries:
                     _add_deliveries(s, row.id, deliveries[o.job_id], now)
-            applied += 1
+            applied.add(o.job_id)
     return applied
 
 

@@ -195,7 +195,7 @@ def run_batch(
 
     # 7. store results, deliveries and states in one commit
     t = time.perf_counter()
-    jobs.finish(
+    applied = jobs.finish(
         db,
         owner,
         outcomes.values(),
@@ -208,6 +208,8 @@ def run_batch(
     stage["store"] += time.perf_counter() - t
     uids = {job.id: job.sop_instance_uid for job in claimed}
     for o in outcomes.values():
+        if o.job_id not in applied:  # lease lost to another worker: its outcome counts, not ours
+            continue
         audit.record("job_finished", sop_instance_uid=uids[o.job_id], state=o.state.value, reason=o.reason,
                      predicted_class=o.predicted_class, priority=o.priority, model_version=card.version)
         for d in deliveries.get(o.job_id, []) if o.state is State.DONE else []:

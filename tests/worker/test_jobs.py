@@ -69,11 +69,11 @@ def test_expired_lease_is_taken_over_and_fenced(db: jobs.Database) -> None:
     # the dead worker wakes up: its outcome must not overwrite the new owner's job
     n = jobs.finish(db, "dead-worker", [Outcome(first.id, State.SKIPPED, "late")], model_name=None,
                     model_version=None, model_precision=None, max_attempts=3)
-    assert n == 0
+    assert n == set()
     n = jobs.finish(db, "w2", [Outcome(first.id, State.DONE, predicted_class="normal",
                                        probabilities={"normal": 0.9, "covid19": 0.1}, priority="routine")],
                     model_name="m", model_version="1", model_precision="f32", max_attempts=3)
-    assert n == 1
+    assert n == {first.id}
     row = jobs.find(db, _item(1).sop_instance_uid)
     assert row.state == "done" and row.predicted_class == "normal" and row.top_probability == pytest.approx(0.9)
     assert row.lease_owner is None and row.finished_at is not None and row.model_version == "1"
