@@ -23,8 +23,11 @@ Status codes returned (PS3.4 Table B.2-1, PS3.7 Annex C):
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -46,11 +49,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import IntegrityError
 
 from worker import audit as audit_log
-from worker import jobs
+from worker import jobs, tls
 from worker.settings import Settings
 from worker.spool import Spool, SpoolError, uid_problem
 
@@ -187,6 +191,8 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
 
     def refuse(code: int, reason: str) -> Dataset:
         log.warning("refused C-STORE from %s (status 0x%04X): %s", calling, code, reason)
+        intake.audit.record("object_refused", calling_ae=calling, peer=peer, status=f"0x{code:04X}", reason=reason,
+                            sop_instance_uid=sop_uid if not uid_problem(sop_uid) else None)
         jobs.record_event(
             intake.db, "refused", reason, status=code, calling_ae=calling, peer=peer,
             sop_instance_uid=sop_uid, sop_class_uid=sop_class,
@@ -199,7 +205,11 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
     if problem:
         return refuse(STATUS_CANNOT_UNDERSTAND, f"invalid SOP Instance UID: {problem}")
 
+    t0 = time.perf_counter()
     data = event.encoded_dataset(include_meta=True)
+    limit = intake.settings.listener.max_object_mb
+    if len(data) > limit * 2**20:
+        return refuse(STATUS_OUT_OF_RESOURCES, f"object of {len(data) / 2**20:.0f} MB exceeds listener.max_object_mb")
     if not intake.spool.has_room(len(data)):
         return refuse(
             STATUS_OUT_OF_RESOURCES,
@@ -224,7 +234,8 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
     sha256 = _Sha256InBackground(data)
     if jobs.find(intake.db, sop_uid) is not None:
         digest = sha256.hexdigest()
-        jobs.record_resend(intake.db, sop_uid, digest, calling, peer)
+        same = jobs.record_resend(intake.db, sop_uid, digest, calling, peer)
+        intake.audit.record("object_resent", sop_instance_uid=sop_uid, calling_ae=calling, peer=peer, identical=same)
         log.info("re-send of stored instance %s acknowledged, not queued again", sop_uid)
         return STATUS_SUCCESS
 
@@ -258,6 +269,9 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         # The file may stay in the spool, but the peer gets a failure and will send again.
         return refuse(STATUS_OUT_OF_RESOURCES, f"database unavailable: {type(exc).__name__}")
     log.info("stored %s (%d bytes, %s) from %s", sop_uid, size, item.transfer_syntax, calling)
+    intake.audit.record("object_received", sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                        study_instance_uid=item.study_instance_uid, calling_ae=calling, peer=peer, size=size,
+                        transfer_syntax=item.transfer_syntax, ms=round((time.perf_counter() - t0) * 1e3, 1))
     return STATUS_SUCCESS
 
 
@@ -280,6 +294,8 @@ def handle_rejected(event: evt.Event, intake: Intake) -> None:
         else:
             reason = "association rejected (too many associations or failed negotiation)"
         log.warning("rejected association from %s: %s", event.assoc.requestor.address, reason)
+        intake.audit.record("association_rejected", calling_ae=calling, called_ae=called,
+                            peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}", reason=reason)
         jobs.record_event(
             intake.db, "association_rejected", reason, calling_ae=calling,
             peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
@@ -312,15 +328,84 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start(settings: Settings, intake: Intake, *, block: bool = False) -> Any:
-    """Start the SCP; returns the threaded server (``.shutdown()`` stops it) unless ``block``."""
+def handle_accepted(event: evt.Event, intake: Intake) -> None:
+    """Audit an accepted association (who, from where, over TLS or not)."""
+    a = event.assoc
+    intake.audit.record("association_accepted", calling_ae=_text(a.requestor.ae_title),
+                        peer=f"{a.requestor.address}:{a.requestor.port}",
+                        tls=intake.settings.listener.tls_cert is not None)
+
+
+def handle_released(event: evt.Event, intake: Intake) -> None:
+    """Audit the end of an association."""
+    a = event.assoc
+    intake.audit.record("association_released", calling_ae=_text(a.requestor.ae_title),
+                        peer=f"{a.requestor.address}:{a.requestor.port}")
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with two changes a hospital network needs.
+
+    * ``verify_request``: connections from addresses outside ``listener.allowed_peers`` are
+      closed before any DICOM is spoken, and recorded.
+    * ``get_request``: the TLS handshake runs in the association's own thread (on first read),
+      not in the accept loop, so a slow or silent TLS client cannot stall every other sender.
+    """
+
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    intake: Intake | None = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client_socket, address = self.socket.accept()
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
+        return client_socket, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self.allowed_networks:
+            return True
+        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None and any(ip in net for net in self.allowed_networks):
+            return True
+        reason = f"peer address {host} is not in listener.allowed_peers"
+        log.warning("refused connection: %s", reason)
+        if self.intake is not None:
+            self.intake.audit.record("association_rejected", peer=f"{host}", reason=reason)
+            jobs.record_event(self.intake.db, "association_rejected", reason, peer=str(host))
+        return False
+
+
+def start(settings: Settings, intake: Intake) -> ThreadedAssociationServer:
+    """Start the SCP in a background thread; returns the server (``.shutdown()`` stops it)."""
     intake.spool.remove_stale_temp_files()
     ae = make_ae(settings)
     handlers = [
         (evt.EVT_C_STORE, handle_store, [intake]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected, [intake]),
+        (evt.EVT_ACCEPTED, handle_accepted, [intake]),
+        (evt.EVT_RELEASED, handle_released, [intake]),
     ]
     li = settings.listener
-    log.info("listening as %s on %s:%d", li.ae_title, li.bind_address, li.port)
-    return ae.start_server((li.bind_address, li.port), block=block, evt_handlers=handlers)
+    ssl_context = None
+    if li.tls_cert is not None and li.tls_key is not None:
+        ssl_context = tls.server_context(li.tls_cert, li.tls_key, li.tls_ca, li.tls_require_client_cert)
+
+    server_class = type(
+        "ConfiguredNodeServer",
+        (NodeServer,),
+        {"allowed_networks": [ipaddress.ip_network(p, strict=False) for p in li.allowed_peers], "intake": intake},
+    )
+    server = ae.make_server(
+        (li.bind_address, li.port), ssl_context=ssl_context, evt_handlers=handlers, server_class=server_class
+    )
+    thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so that ae.shutdown() also stops it, as with ae.start_server
+    log.info("listening as %s on %s:%d%s", li.ae_title, li.bind_address, server.server_address[1],
+             " (TLS)" if ssl_context else "")
+    return server

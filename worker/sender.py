@@ -30,7 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from worker import audit as audit_log
-from worker import jobs
+from worker import jobs, tls
 from worker.settings import Destination, Settings
 from worker.spool import Spool, SpoolError
 
@@ -89,8 +89,14 @@ def _to_peer(
             datasets.append(exc)
     if all(isinstance(ds, Exception) for ds in datasets):
         return [(None, f"result object unreadable: {ds}") for ds in datasets]
+    tls_args = None
+    if dest.tls:
+        try:
+            tls_args = (tls.client_context(dest.tls_ca, dest.tls_cert, dest.tls_key), dest.host)
+        except (OSError, ValueError) as exc:
+            return [(None, f"{dest.name}: TLS set-up failed: {exc}")] * len(items)
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except Exception as exc:  # DNS failure and the like
         return [(None, f"{dest.name}: cannot associate: {exc}")] * len(items)
     if not assoc.is_established:

@@ -12,6 +12,7 @@ exactly these defaults, so the two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -44,6 +45,12 @@ class ListenerSettings:
     network_timeout: float = 60.0
     allowed_calling_aets: list[str] = field(default_factory=list)
     require_called_aet: bool = True
+    allowed_peers: list[str] = field(default_factory=list)
+    max_object_mb: int = 1024
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,10 @@ class Destination:
     port: int = 104
     calling_ae_title: str = ""
     path: Path | None = None
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @classmethod
     def parse(cls, spec: str) -> "Destination":
@@ -254,6 +265,21 @@ def _validate(s: Settings) -> None:
     for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
         if getattr(li, key) <= 0:
             raise SettingsError(f"listener.{key} must be > 0 seconds")
+    for peer in li.allowed_peers:
+        try:
+            ipaddress.ip_network(peer, strict=False)
+        except ValueError:
+            raise SettingsError(f"listener.allowed_peers: {peer!r} is not an IP address or network") from None
+    if li.max_object_mb < 1:
+        raise SettingsError("listener.max_object_mb must be >= 1")
+    if (li.tls_cert is None) != (li.tls_key is None):
+        raise SettingsError("listener.tls_cert and listener.tls_key must be set together")
+    if li.tls_require_client_cert and (li.tls_cert is None or li.tls_ca is None):
+        raise SettingsError("listener.tls_require_client_cert needs listener.tls_cert, tls_key and tls_ca")
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        path = getattr(li, key)
+        if path is not None and not path.is_file():
+            raise SettingsError(f"listener.{key}: {path} is not a readable file")
     if s.storage.disk_reserve_mb < 0:
         raise SettingsError("storage.disk_reserve_mb must be >= 0")
     if s.model.precision not in (None, "f32", "bf16", "f16", "int8"):
@@ -299,6 +325,8 @@ def _validate(s: Settings) -> None:
         if d.type == "dicom":
             if not AE_TITLE_RE.match(d.ae_title) or not d.host or not 0 < d.port <= 65535:
                 raise SettingsError(f"destinations.{d.name}: a DICOM destination needs ae_title, host and port 1-65535")
+            if (d.tls_cert is None) != (d.tls_key is None):
+                raise SettingsError(f"destinations.{d.name}: tls_cert and tls_key must be set together")
         elif d.type == "folder":
             if d.path is None:
                 raise SettingsError(f"destinations.{d.name}: a folder destination needs path")
