@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -63,8 +64,9 @@ class Orthanc:
                 raise RuntimeError(f"Orthanc exited: {(self.workdir / 'orthanc.log').read_text()[-2000:]}")
             try:
                 self.get("/system")
-                return self
-            except (urllib.error.URLError, ConnectionError):
+                with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=1):
+                    return self  # REST and DICOM both up
+            except (urllib.error.URLError, OSError):
                 time.sleep(0.1)
         raise RuntimeError("Orthanc did not start")
 
