@@ -53,7 +53,17 @@ def open_storage(settings: Settings) -> tuple[jobs.Database, Spool]:
     st = settings.storage
     if st.database_url is None:
         st.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if st.data_dir.exists():
+        try:  # it holds patient images: private to the service user, also when created by hand
+            st.data_dir.chmod(0o700)
+        except OSError:
+            log.warning("could not make %s private (0700)", st.data_dir)
     db = jobs.Database.open(st.url)
+    if st.database_url is None:  # our SQLite files: private to the service user, whatever the umask
+        for suffix in ("", "-wal", "-shm"):
+            f = st.data_dir / f"triage.db{suffix}"
+            if f.exists():
+                f.chmod(0o600)
     spool = Spool(st.spool_path, reserve_bytes=st.disk_reserve_mb * 2**20, fsync=st.fsync)
     return db, spool
 

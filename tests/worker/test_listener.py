@@ -139,3 +139,12 @@ def test_dx_and_many_in_one_association(node: Node) -> None:
     dss += [make_image(sop_class=CR_STORAGE, seed=10 + i) for i in range(5)]
     assert send(dss, node.port) == [0] * 10
     assert jobs.counts(node.db) == {"queued": 10}
+
+
+def test_state_is_private(node: Node) -> None:
+    """Spool folders 0700, stored objects and the SQLite files 0600 (issue: security)."""
+    data_dir = node.settings.storage.data_dir
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert node.spool.root.stat().st_mode & 0o777 == 0o700
+    for f in data_dir.glob("triage.db*"):
+        assert f.stat().st_mode & 0o777 == 0o600, f.name
