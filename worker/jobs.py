@@ -59,6 +59,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def iso(v: dt.datetime | None) -> str | None:
+    """ISO 8601 in UTC with a ``Z`` (the form of every time in query output)."""
+    return v.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if v else None
+
+
 class State(str, enum.Enum):
     """Job states; every non-success state carries a reason."""
 
@@ -148,9 +153,6 @@ class Instance(Base):
     def as_dict(self) -> dict[str, Any]:
         """The stable JSON shape of ``cxr-triage query --format json``."""
 
-        def iso(v: dt.datetime | None) -> str | None:
-            return v.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if v else None
-
         return {
             "sop_instance_uid": self.sop_instance_uid,
             "sop_class_uid": self.sop_class_uid,
@@ -198,7 +200,7 @@ class IntakeEvent(Base):
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "at": self.at.isoformat().replace("+00:00", "Z"),
+            "at": iso(self.at),
             "kind": self.kind,
             "status": f"0x{self.status:04X}" if self.status is not None else None,
             "calling_ae": self.calling_ae,
@@ -249,9 +251,6 @@ class Delivery(Base):
     )
 
     def as_dict(self) -> dict[str, Any]:
-        def iso(v: dt.datetime | None) -> str | None:
-            return v.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if v else None
-
         return {
             "destination": self.destination,
             "kind": self.kind,
