@@ -148,3 +148,18 @@ def test_state_is_private(node: Node) -> None:
     assert node.spool.root.stat().st_mode & 0o777 == 0o700
     for f in data_dir.glob("triage.db*"):
         assert f.stat().st_mode & 0o777 == 0o600, f.name
+
+
+def test_large_objects_hash_alongside_the_write(node: Node) -> None:
+    """Objects >= 1 MiB are hashed on a helper thread: same digest, same re-send handling."""
+    import hashlib
+
+    big = make_image(rows=1200, cols=1000, seed=7)  # 2.4 MB of pixels
+    assert send([big], node.port) == [0]
+    row = jobs.find(node.db, big.SOPInstanceUID)
+    assert row.sha256 == hashlib.sha256(node.spool.path(row.path).read_bytes()).hexdigest()
+    changed = make_image(rows=1200, cols=1000, seed=8)
+    changed.SOPInstanceUID = big.SOPInstanceUID
+    changed.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
+    assert send([big, changed], node.port) == [0, 0]
+    assert [e.kind for e in events(node.db)] == ["duplicate", "duplicate_differs"]
