@@ -254,8 +254,29 @@ def _transfer_syntax(ds: pydicom.Dataset) -> UID:
     return ImplicitVRLittleEndian
 
 
+def _check_pixel_element_complete(ds: pydicom.Dataset) -> None:
+    """A Pixel Data element whose declared length runs past the end of the object (a file cut
+    short, or a forged length up to 4 GB) is refused, even when the bytes present happen to
+    fill Rows x Columns: pydicom reads such a value to the end of the file without an error."""
+    try:
+        elem = ds.get_item(0x7FE00010)
+    except Exception:
+        return
+    length = getattr(elem, "length", None)
+    value = getattr(elem, "value", None)
+    if (
+        isinstance(elem, pydicom.dataelem.RawDataElement)
+        and isinstance(length, int)
+        and length != 0xFFFFFFFF
+        and isinstance(value, (bytes, bytearray))
+        and len(value) < length
+    ):
+        raise PixelError(f"Pixel Data declares {length} bytes but the object ends after {len(value)} (truncated)")
+
+
 def _geometry(ds: pydicom.Dataset, spec: PreprocessSpec) -> _Geometry:
     """Check the Image Pixel module (PS3.3 C.7.6.3) and the declared size, before any decoding."""
+    _check_pixel_element_complete(ds)
     if "PixelData" not in ds or ds.PixelData is None or len(ds.PixelData) == 0:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise PixelError("float pixel data is not supported")
@@ -309,6 +330,94 @@ def _check_native_length(ds: pydicom.Dataset, g: _Geometry) -> bytes:
     return data
 
 
+_JPEG_FAMILY = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+    }
+)
+_J2K_FAMILY = frozenset(
+    {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+     "1.2.840.10008.1.2.4.203"}
+)
+#: JPEG SOFn markers (ITU T.81 B.1.1.3) and JPEG-LS SOF55 (T.87): C4 (DHT), C8 (JPG), CC (DAC) are not SOFs.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def _first_frame(ds: pydicom.Dataset, g: _Geometry) -> bytes:
+    """The encoded bytes of frame 0 of encapsulated Pixel Data (PS3.5 A.4)."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        return next(generate_frames(ds.PixelData, number_of_frames=g.frames))
+    except StopIteration:
+        raise PixelError("encapsulated pixel data holds no frame") from None
+    except Exception as exc:  # malformed items: wrong tags, lengths past the end
+        raise PixelError(f"encapsulated pixel data is malformed: {exc}") from None
+
+
+def _check_codestream(frame: bytes, ts: UID, g: _Geometry) -> None:
+    """Refuse, before any decoder allocates, a codestream whose own header declares another
+    image size than Rows/Columns (a small file can declare gigapixels), or that lacks its end
+    marker (decoders fill a truncated JPEG / JPEG-LS scan with garbage without an error)."""
+    if ts in _JPEG_FAMILY:
+        dims = _jpeg_dims(frame)
+        kind, marker = ("JPEG-LS", "SOF55") if ts.endswith((".80", ".81")) else ("JPEG", "SOF")
+    elif ts in _J2K_FAMILY:
+        dims = _j2k_dims(frame)
+        kind, marker = "JPEG 2000", "SIZ"
+    else:
+        return  # RLE: the decoder's output size comes from Rows/Columns, already checked
+    what = f"could not decode {ts.name} ({ts}) pixel data"
+    if dims is None:
+        raise PixelError(f"{what}: the {kind} codestream of frame 1 has no frame header ({marker} marker)")
+    rows, cols = dims
+    if (rows, cols) != (g.rows, g.cols):
+        raise PixelError(
+            f"{what}: the {kind} codestream declares {rows}x{cols} but Rows/Columns say {g.rows}x{g.cols} "
+            "(refused before decoding)"
+        )
+    # EOI (JPEG, JPEG-LS) / EOC (JPEG 2000); encoders pad after it (00 or FF bytes, seen in the
+    # wild), and byte stuffing keeps FF D9 out of entropy-coded data, so look at the last bytes.
+    if b"\xff\xd9" not in frame[-16:]:
+        raise PixelError(f"{what}: the {kind} codestream of frame 1 is truncated (no end-of-image marker)")
+
+
+def _jpeg_dims(frame: bytes) -> tuple[int, int] | None:
+    """(rows, cols) from the first SOF marker segment of a JPEG / JPEG-LS codestream."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(frame)
+    while i + 4 <= n:
+        if frame[i] != 0xFF:
+            return None
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # no length
+            i += 2
+            continue
+        length = int.from_bytes(frame[i + 2 : i + 4], "big")
+        if marker in _SOF_MARKERS:
+            if i + 9 > n:
+                return None
+            return int.from_bytes(frame[i + 5 : i + 7], "big"), int.from_bytes(frame[i + 7 : i + 9], "big")
+        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def _j2k_dims(frame: bytes) -> tuple[int, int] | None:
+    """(rows, cols) from the SIZ marker segment (ISO 15444-1 A.5.1), raw codestream or JP2."""
+    i = frame.find(b"\xff\x4f\xff\x51", 0, 4096)
+    if i < 0 or i + 24 > len(frame):
+        return None
+    xsiz, ysiz, xo, yo = (int.from_bytes(frame[i + 8 + 4 * k : i + 12 + 4 * k], "big") for k in range(4))
+    return ysiz - yo, xsiz - xo
+
+
 def _decode_frame(ds: pydicom.Dataset, spec: PreprocessSpec) -> tuple[np.ndarray, _Geometry, bool]:
     """First frame as ``(array, geometry, raw)``.
 
@@ -337,10 +446,14 @@ def _decode_frame(ds: pydicom.Dataset, spec: PreprocessSpec) -> tuple[np.ndarray
         raise PixelError(f"unsupported transfer syntax {ts.name} ({ts})") from None
     if not decoder.is_available:
         raise PixelError(f"no decoder installed for transfer syntax {ts.name} ({ts})")
+    if ts.is_encapsulated:
+        _check_codestream(_first_frame(ds, g), ts, g)
     try:
         arr, _meta = decoder.as_array(ds, index=0)
     except Exception as exc:  # any decoder failure is a property of this object's data
-        raise PixelError(f"could not decode {ts.name} ({ts}) pixel data: {exc}") from exc
+        # one line: plugins' messages span lines, and the reason ends up in tables and logs
+        detail = " ".join(str(exc).split())
+        raise PixelError(f"could not decode {ts.name} ({ts}) pixel data: {detail}") from exc
     if arr.shape != (g.rows, g.cols):
         raise PixelError(f"decoded image has shape {arr.shape}, expected ({g.rows}, {g.cols}) from Rows/Columns")
     return arr, g, False

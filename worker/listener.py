@@ -171,6 +171,10 @@ def _text(value: Any) -> str | None:
     return s or None
 
 
+def _clip(value: str | None, n: int) -> str | None:
+    return value[:n] if value is not None else None
+
+
 def handle_store(event: evt.Event, intake: Intake) -> Dataset | int:
     """C-STORE: validate, store durably, enqueue, then answer (PS3.4 B.2.2)."""
     try:
@@ -251,10 +255,12 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         sop_class_uid=sop_class,
         study_instance_uid=_text(header.get("StudyInstanceUID")),
         series_instance_uid=_text(header.get("SeriesInstanceUID")),
-        accession_number=_text(header.get("AccessionNumber")),
-        modality=_text(header.get("Modality")),
+        # Clipped to the columns' widths (SH 16 / CS 16 by the standard; senders exceed them):
+        # PostgreSQL would refuse the row, and the peer would get 0xA700 for ever.
+        accession_number=_clip(_text(header.get("AccessionNumber")), 64),
+        modality=_clip(_text(header.get("Modality")), 16),
         transfer_syntax=str(event.context.transfer_syntax),
-        calling_ae=calling,
+        calling_ae=_clip(calling, 16),
         path=relpath,
         size_bytes=size,
         sha256=digest,
@@ -357,6 +363,13 @@ class NodeServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = self.socket.accept()
+        # An accepted socket is blocking with no timeout (Python gives it none, whatever the
+        # listening socket has), and pynetdicom reads a whole PDU in one blocking loop: a peer
+        # that sends part of a PDU and then nothing held its association thread, and one of
+        # max_associations slots, for ever. With network_timeout on the socket, the read fails
+        # after that long and the association is closed (tests/reliability/test_corpus.py).
+        if self.ae.network_timeout is not None:
+            client_socket.settimeout(self.ae.network_timeout)
         if self.ssl_context:
             client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
         return client_socket, address

@@ -57,8 +57,14 @@ class BatchReport:
     failed: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: Result objects that could not be written to the spool (disk full): drain stops there.
+    storage_errors: int = 0
+    #: Nothing was claimed because the spool is below its free-space reserve.
+    disk_reserve_reached: bool = False
 
     def add(self, other: "BatchReport") -> None:
+        self.storage_errors += other.storage_errors
+        self.disk_reserve_reached = self.disk_reserve_reached or other.disk_reserve_reached
         self.claimed += other.claimed
         self.done += other.done
         self.skipped += other.skipped
@@ -84,6 +90,13 @@ def run_batch(
     spec = imaging.PreprocessSpec.from_card(engine.card.raw)
     spec = imaging.PreprocessSpec(**{**spec.__dict__, "max_bytes": settings.model.max_image_mb * 2**20})
 
+    # 0. no claim while the spool is below its reserve: each result object needs room, and a
+    # batch that fails on a full disk would spend every job's attempts in seconds.
+    if not spool.has_room():
+        log.warning("spool below its free-space reserve (%d MB): no batch until space is freed",
+                    settings.storage.disk_reserve_mb)
+        return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=stage, disk_reserve_reached=True)
+
     # 1. claim
     t = time.perf_counter()
     claimed = jobs.claim_batch(db, settings.batch.size, owner, settings.batch.lease_seconds)
@@ -108,6 +121,10 @@ def run_batch(
             continue
         timing["read_ms"] = (time.perf_counter() - t) * 1e3
         stage["read"] += time.perf_counter() - t
+        cut = _truncated_element(ds)
+        if cut:
+            outcomes[job.id] = Outcome(job.id, State.SKIPPED, cut, timings=timing)
+            continue
 
         # 3. filter: is this a frontal chest radiograph we can read?
         t = time.perf_counter()
@@ -153,6 +170,7 @@ def run_batch(
 
     # 6. triage each image and build its result objects (durable in the spool before the commit)
     deliveries: dict[int, list[jobs.NewDelivery]] = {}
+    storage_errors = 0
     destinations = settings.result_destinations
     t = time.perf_counter()
     for (job, ds, _, timing), probs in zip(ready, probs_rows):
@@ -179,6 +197,7 @@ def run_batch(
                     for d in destinations
                 ]
         except SpoolError as exc:
+            storage_errors += 1
             outcomes[job.id] = Outcome(job.id, State.FAILED, f"could not store result object: {exc.strerror}")
             continue
         except Exception as exc:  # a source header the result builder cannot use
@@ -229,12 +248,33 @@ def run_batch(
         failed=sum(o.state is State.FAILED for o in outcomes.values()),
         seconds=time.perf_counter() - t_start,
         stage_seconds=stage,
+        storage_errors=storage_errors,
     )
     log.info(
         "batch: %d claimed, %d done, %d skipped, %d failed in %.2f s",
         report.claimed, report.done, report.skipped, report.failed, report.seconds,
     )
     return report
+
+
+def _truncated_element(ds: Dataset) -> str | None:
+    """A reason when a top-level element declares more bytes than the object holds.
+
+    pydicom reads such a value to the end of the file without an error, so a forged length
+    (up to 4 GB) or an object cut short would otherwise surface as a misleading "no pixel
+    data" (the element swallowed everything after it). Raw elements only: nothing is decoded.
+    """
+    from pydicom.dataelem import RawDataElement
+
+    for elem in ds.elements():
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+            continue
+        if isinstance(elem.value, (bytes, bytearray)) and len(elem.value) < elem.length:
+            return (
+                f"stored object is truncated: element ({elem.tag.group:04X},{elem.tag.element:04X}) declares "
+                f"{elem.length} bytes but only {len(elem.value)} follow"
+            )
+    return None
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -260,4 +300,10 @@ def drain(
         report = run_batch(db, spool, engine, settings, owner, audit)
         total.add(report)
         if report.claimed == 0 or (should_stop is not None and should_stop()):
+            return total
+        if report.storage_errors:
+            # Disk full (or failing): the failed jobs went back to the queue with an attempt
+            # spent and the reason kept; retrying them at once would spend the rest. The next
+            # scheduled run tries again (and claims nothing while below the reserve).
+            log.error("%d result object(s) could not be stored; stopping this run", report.storage_errors)
             return total
