@@ -627,12 +627,18 @@ def counts(db: Database) -> dict[str, int]:
     return {state: n for state, n in rows}
 
 
-def queued_summary(db: Database) -> tuple[int, dt.datetime | None]:
-    """How many jobs are queued, and when the oldest of them was received."""
+def queued_summary(db: Database, now: dt.datetime | None = None) -> tuple[int, dt.datetime | None]:
+    """How many jobs are waiting, and when the oldest of them was received.
+
+    Waiting = ``queued``, or ``running`` under an expired lease (its worker died): those must be
+    taken over even when no new work arrives.
+    """
+    now = now or utcnow()
+    waiting = (Instance.state == State.QUEUED.value) | (
+        (Instance.state == State.RUNNING.value) & (Instance.lease_expires < now)
+    )
     with db.sessions() as s:
-        n, oldest = s.execute(
-            select(func.count(), func.min(Instance.received_at)).where(Instance.state == State.QUEUED.value)
-        ).one()
+        n, oldest = s.execute(select(func.count(), func.min(Instance.received_at)).where(waiting)).one()
     if oldest is not None and oldest.tzinfo is None:  # aggregate results bypass the column type
         oldest = oldest.replace(tzinfo=dt.timezone.utc)
     elif isinstance(oldest, str):

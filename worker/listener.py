@@ -99,6 +99,7 @@ _HEADER_TAGS = [
     "SeriesInstanceUID",
     "AccessionNumber",
     "Modality",
+    "PatientID",  # compared on a re-send with other content; never logged or stored
 ]
 
 
@@ -236,8 +237,16 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
 
     # Hash while the lookup and the durable write run (see _Sha256InBackground).
     sha256 = _Sha256InBackground(data)
-    if jobs.find(intake.db, sop_uid) is not None:
+    existing = jobs.find(intake.db, sop_uid)
+    if existing is not None:
         digest = sha256.hexdigest()
+        if digest != existing.sha256:
+            # A re-send may differ in bytes (another transfer syntax, coerced attributes), but
+            # the same UID on another patient's or study's image is a UID collision: saying
+            # success would drop that image unscreened while its sender deletes it.
+            clash = _identity_clash(intake.spool, existing, header)
+            if clash:
+                return refuse(STATUS_CANNOT_UNDERSTAND, f"SOP Instance UID is already stored for another {clash}")
         same = jobs.record_resend(intake.db, sop_uid, digest, calling, peer)
         intake.audit.record("object_resent", sop_instance_uid=sop_uid, calling_ae=calling, peer=peer, identical=same)
         log.info("re-send of stored instance %s acknowledged, not queued again", sop_uid)
@@ -279,6 +288,21 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
                         study_instance_uid=item.study_instance_uid, calling_ae=calling, peer=peer, size=size,
                         transfer_syntax=item.transfer_syntax, ms=round((time.perf_counter() - t0) * 1e3, 1))
     return STATUS_SUCCESS
+
+
+def _identity_clash(spool: Spool, existing: jobs.Instance, header: Dataset) -> str | None:
+    """"study" or "patient" when ``header`` names another study or patient than the stored
+    object with the same SOP Instance UID; None when they agree or the stored one is unreadable."""
+    study = _text(header.get("StudyInstanceUID"))
+    if study is not None and existing.study_instance_uid is not None and study != existing.study_instance_uid:
+        return "study"
+    try:
+        stored = dcmread(spool.path(existing.path), stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:
+        return None
+    if _text(stored.get("PatientID")) != _text(header.get("PatientID")):
+        return "patient"
+    return None
 
 
 def handle_echo(event: evt.Event) -> int:

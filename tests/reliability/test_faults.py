@@ -69,12 +69,6 @@ def test_short_fault_run_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 120
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the continuous scheduler starts a run only when jobs are `queued`, so jobs a "
-    "killed node left `running` wait for new work (fix: count running jobs with an expired lease in "
-    "the gather check, worker/scheduler.py + jobs.queued_summary); remove this marker with the fix",
-)
 def test_expired_lease_is_reclaimed_without_new_work(tmp_path: Path, toy_model: Path) -> None:
     from worker.scheduler import BatchScheduler
 

@@ -51,15 +51,31 @@ def test_resend_is_acknowledged_not_requeued(node: Node) -> None:
     assert [e.kind for e in events(node.db)] == ["duplicate", "duplicate"]
 
 
-def test_resend_with_other_content_keeps_first_and_says_so(node: Node) -> None:
+def test_resend_with_other_bytes_keeps_first_and_says_so(node: Node) -> None:
+    """Same instance, same patient and study, other bytes (e.g. PACS re-encoded it): acknowledged."""
+    ds = make_image(seed=1)
+    other = make_image(seed=2)
+    for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(other, key, getattr(ds, key))
+    other.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    assert send([ds, other], node.port) == [0x0000, 0x0000]
+    (ev,) = events(node.db)
+    assert ev.kind == "duplicate_differs" and "first received object is kept" in ev.reason
+
+
+@pytest.mark.parametrize("what", ["patient", "study"])
+def test_uid_reused_for_another_patient_or_study_is_refused(node: Node, what: str) -> None:
+    """A UID collision must not be acknowledged: the sender would delete an image we never screen."""
     ds = make_image(seed=1)
     other = make_image(seed=2)
     other.SOPInstanceUID = ds.SOPInstanceUID
     other.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    other.PatientID = "SOMEONE-ELSE"
-    assert send([ds, other], node.port) == [0x0000, 0x0000]
+    if what == "patient":
+        other.StudyInstanceUID = ds.StudyInstanceUID
+        other.PatientID = "SOMEONE-ELSE"
+    assert send([ds, other], node.port) == [0x0000, 0xC000]
     (ev,) = events(node.db)
-    assert ev.kind == "duplicate_differs" and "first received object is kept" in ev.reason
+    assert ev.kind == "refused" and f"already stored for another {what}" in ev.reason
     assert dcmread(node.spool.path(jobs.find(node.db, ds.SOPInstanceUID).path)).PatientID == "TEST-0001"
 
 
@@ -103,6 +119,9 @@ def test_wrong_calling_ae_is_rejected_and_recorded(settings: Settings) -> None:
         assert echo(n.port, calling="INTRUDER") is None
         assert send([make_image()], n.port, calling="INTRUDER") == [None]
         assert echo(n.port, calling="PACS1") == 0x0000
+        from conftest import wait_for
+
+        assert wait_for(lambda: len(events(n.db)) == 2, timeout=10)
         evs = events(n.db)
         assert len(evs) == 2 and all(e.kind == "association_rejected" for e in evs)
         assert "'INTRUDER' is not in listener.allowed_calling_aets" in evs[0].reason
@@ -112,7 +131,10 @@ def test_wrong_calling_ae_is_rejected_and_recorded(settings: Settings) -> None:
 
 
 def test_wrong_called_ae_is_rejected(node: Node) -> None:
+    from conftest import wait_for
+
     assert echo(node.port, called="SOMEONEELSE") is None
+    assert wait_for(lambda: len(events(node.db)) == 1, timeout=10)  # recorded by the server thread
     (ev,) = events(node.db)
     assert "called AE title 'SOMEONEELSE'" in ev.reason
     assert echo(node.port) == 0x0000
@@ -159,7 +181,8 @@ def test_large_objects_hash_alongside_the_write(node: Node) -> None:
     row = jobs.find(node.db, big.SOPInstanceUID)
     assert row.sha256 == hashlib.sha256(node.spool.path(row.path).read_bytes()).hexdigest()
     changed = make_image(rows=1200, cols=1000, seed=8)
-    changed.SOPInstanceUID = big.SOPInstanceUID
+    for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(changed, key, getattr(big, key))
     changed.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
     assert send([big, changed], node.port) == [0, 0]
     assert [e.kind for e in events(node.db)] == ["duplicate", "duplicate_differs"]

@@ -35,7 +35,8 @@ def test_workers_drain_the_queue_once_each_even_when_one_is_killed(pg_fresh_url:
 
     env = {**os.environ, "CXR_TRIAGE_BATCH_SIZE": "2", "CXR_TRIAGE_BATCH_LEASE_SECONDS": "3",
            "CXR_TRIAGE_BATCH_POLL_SECONDS": "0.1", "CXR_TRIAGE_SCHEDULE_GATHER_SECONDS": "0",
-           "CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0"}
+           "CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0", "CXR_TRIAGE_SEND_LEASE_SECONDS": "3",
+           "CXR_TRIAGE_SEND_RETRY_POLL_SECONDS": "0.5"}
     cmd = [sys.executable, "-m", "worker.cli", "batch", "--data-dir", str(data_dir), "--database", pg_fresh_url,
            "--model", str(toy_model)]
     workers = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -46,7 +47,7 @@ def test_workers_drain_the_queue_once_each_even_when_one_is_killed(pg_fresh_url:
         workers[0].send_signal(signal.SIGKILL)  # dies holding a lease, maybe mid-batch
         workers[0].wait(10)
         assert wait_for(lambda: jobs.counts(db) == {"done": n_jobs}, timeout=180), jobs.counts(db)
-        assert wait_for(lambda: jobs.delivery_counts(db) == {"sent": n_jobs}, timeout=60)
+        assert wait_for(lambda: jobs.delivery_counts(db) == {"sent": n_jobs}, timeout=120)
     finally:
         for w in workers[1:]:
             w.send_signal(signal.SIGTERM)
