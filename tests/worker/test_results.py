@@ -11,8 +11,12 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +28,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 import support
+from worker import results
 from worker.results import (
     LOCAL_SCHEME,
     SC_MAX_SIDE,
@@ -556,3 +561,223 @@ def test_results_module_imports_no_torch_or_openvino() -> None:
     code = "import sys, worker.results; print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'openvino'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=support.REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- fast SR path
+#
+# build_sr copies a per-model template and builds the per-image parts with plain pydicom; it
+# must give exactly what the highdicom-only reference builder gives: same elements, VRs, value
+# types and values, same file meta and preamble, same bytes.
+
+
+def _dataset_differences(fast: Dataset, ref: Dataset, path: str = "") -> list[str]:
+    out: list[str] = []
+    fast_tags, ref_tags = set(fast.keys()), set(ref.keys())
+    out += [f"{path}{t} only in fast" for t in sorted(fast_tags - ref_tags)]
+    out += [f"{path}{t} only in reference" for t in sorted(ref_tags - fast_tags)]
+    for tag in sorted(fast_tags & ref_tags):
+        a, b = fast[tag], ref[tag]
+        where = f"{path}{a.keyword or tag}"
+        if a.VR != b.VR:
+            out.append(f"{where}: VR {a.VR} != {b.VR}")
+        elif a.VR == "SQ":
+            if len(a.value) != len(b.value):
+                out.append(f"{where}: {len(a.value)} items != {len(b.value)}")
+            else:
+                for i, (x, y) in enumerate(zip(a.value, b.value)):
+                    out += _dataset_differences(x, y, f"{where}[{i}].")
+        elif type(a.value) is not type(b.value) or a.value != b.value or str(a.value) != str(b.value):
+            out.append(f"{where}: {type(a.value).__name__} {a.value!r} != {type(b.value).__name__} {b.value!r}")
+    return out
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def assert_same_as_reference(src: Dataset, result: TriageResult, now: datetime | None = NOW) -> Dataset:
+    fast = build_sr(src, result, now=now)
+    ref = results._build_sr_reference(src, result, now=now)
+    diffs = _dataset_differences(fast, ref) + _dataset_differences(fast.file_meta, ref.file_meta, "file_meta.")
+    assert diffs == []
+    assert fast.preamble == ref.preamble
+    assert _encoded(fast) == _encoded(ref)
+    return fast
+
+
+def _source_variant(kind: str) -> Dataset:
+    src = source_image()
+    if kind == "plain":
+        pass
+    elif kind == "dx-with-equipment":
+        src = source_image(sop_class=support.DX_STORAGE, modality="DX")
+        src.Manufacturer = "ACME Medical"
+        src.ManufacturerModelName = "DR-1"
+        src.SoftwareVersions = ["1.0", "2.3b"]
+        src.DeviceSerialNumber = "SN-1"
+        src.InstitutionName = "General Hospital"
+        src.InstitutionalDepartmentName = "Radiology"
+        src.StationName = "XR1"
+    elif kind == "bare":  # no orientation/spacing, odd instance number, frame of reference
+        del src.PatientOrientation, src.ImagerPixelSpacing
+        src.InstanceNumber = "0"
+        src.FrameOfReferenceUID = "1.2.3.4.5.6.7"
+    elif kind == "odd-values":  # invalid spacing, empty orientation part, unknown modality, multi-frame
+        src.ImagerPixelSpacing = [0.1, 0.2, 0.3]  # not a pair: no spacing descriptors
+        src.PatientOrientation = ["P", ""]
+        src.Modality = "XX"
+        src.NumberOfFrames = 1
+        src.InstanceNumber = 2**31
+    elif kind == "charset-and-missing":
+        src.SpecificCharacterSet = "ISO_IR 100"
+        src.PatientName = "Müller^Jürgen"
+        src.StudyDescription = "Thorax p.a."
+        type2 = ("AccessionNumber", "ReferringPhysicianName", "StudyID", "StudyDate", "PatientSex", "PatientBirthDate")
+        for kw in type2:
+            del src[kw]
+        with pydicom.config.disable_value_validation():
+            src.PatientAge = "68"
+            src.PatientBirthDate = "1970.01.01"
+    elif kind == "no-rows":  # Columns only (Rows absent, still an image for highdicom)
+        del src.Rows
+        src.Manufacturer = "ACME Medical"
+    else:
+        raise AssertionError(kind)
+    return src
+
+
+def _result_variant(kind: str) -> TriageResult:
+    if kind in ("normal", "pneumonia", "covid19"):
+        return make_result(kind)
+    if kind == "unknown-class-no-sha":
+        return make_result(
+            "tuberculosis",
+            probabilities={"normal": 0.2, "tuberculosis": 0.7, "covid19": 0.1},
+            thresholds={"tuberculosis": 0.5},
+            model_sha256=None,
+            model_precision="f16",
+        )
+    if kind == "long-names-empty-reason":
+        return make_result(
+            "pleural effusion with loculation and more words",
+            probabilities={"normal": 1e-7, "pleural effusion with loculation and more words": 0.9999999},
+            thresholds={},
+            triage_reason="  ",
+            priority="routine",
+            name="m" * 70,
+            version="v" * 70,
+            model_precision="f32",
+        )
+    if kind == "extreme-probabilities":
+        return make_result(
+            "covid19",
+            probabilities={"normal": 0.0, "pneumonia": 1 / 3, "covid19": 1.0},
+            thresholds={"covid19": 1.0, "pneumonia": 0.0, "normal": 0.123456789012345678},
+        )
+    raise AssertionError(kind)
+
+
+SOURCE_KINDS = ["plain", "dx-with-equipment", "bare", "odd-values", "charset-and-missing", "no-rows"]
+RESULT_KINDS = [
+    "normal", "pneumonia", "covid19", "unknown-class-no-sha", "long-names-empty-reason", "extreme-probabilities",
+]
+
+
+@pytest.mark.parametrize("source_kind", SOURCE_KINDS)
+@pytest.mark.parametrize("result_kind", RESULT_KINDS)
+def test_fast_sr_equals_highdicom_reference(source_kind: str, result_kind: str) -> None:
+    src, result = _source_variant(source_kind), _result_variant(result_kind)
+    assert_same_as_reference(src, result)
+    assert_same_as_reference(src, result)  # second build: from the cached template
+
+
+@pytest.mark.parametrize(
+    "now",
+    [
+        None,
+        datetime(2026, 1, 2, 3, 4, 5),  # naive: no TimezoneOffsetFromUTC
+        datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-9, minutes=-30))),
+    ],
+)
+def test_fast_sr_equals_reference_at_any_time(now: datetime | None) -> None:
+    if now is None:
+        now = datetime.now().astimezone()  # what both use by default, fixed for the comparison
+    assert_same_as_reference(source_image(), make_result(), now=now)
+
+
+def test_fast_sr_equipment_item_of_the_source_is_kept(tmp_path: Path) -> None:
+    src = _source_variant("dx-with-equipment")
+    sr = assert_same_as_reference(src, make_result())
+    assert [str(e.Manufacturer) for e in sr.ContributingEquipmentSequence][:2] == ["ACME Medical", "cxr-triage"]
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+
+
+def test_fast_sr_templates_are_not_changed_by_callers() -> None:
+    src, result = source_image(), make_result()
+    first = build_sr(src, result, now=NOW)
+    expected = _encoded(first)
+    # A caller that edits its SR (values, nested items, sequences) must not affect the next one.
+    first.PatientName = "Changed^Name"
+    first.ContentSequence[0].ConceptNameCodeSequence[0].CodeMeaning = "changed"
+    first.ContentSequence.append(Dataset())
+    first.ContributingEquipmentSequence[-1].Manufacturer = "changed"
+    first.file_meta.ImplementationVersionName = "changed"
+    assert _encoded(build_sr(src, result, now=NOW)) == expected
+
+
+def test_fast_sr_is_thread_safe() -> None:
+    sources = [source_image() for _ in range(4)]
+    results_ = [make_result(p, version=f"9.{i}") for i, p in enumerate(("normal", "pneumonia", "covid19", "covid19"))]
+    expected = [_encoded(results._build_sr_reference(s, r, now=NOW)) for s, r in zip(sources, results_)]
+    got: list[list[bytes]] = [[] for _ in sources]
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            got[i].append(_encoded(build_sr(sources[i], results_[i], now=NOW)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sources))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, exp in enumerate(expected):
+        assert got[i] == [exp] * 5
+
+
+@pytest.mark.parametrize("kind", ["unknown-sop-class", "sr-modality", "no-pixel-description"])
+def test_fast_sr_refuses_what_the_reference_refuses(kind: str) -> None:
+    if kind == "unknown-sop-class":
+        src = source_image(sop_class="1.2.3.4.5.6")
+    elif kind == "sr-modality":
+        src = source_image()
+        src.Modality = "SR"
+    else:
+        src = source_image()
+        for kw in ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation"):
+            del src[kw]
+    with pytest.raises(ValueError) as ref_exc:
+        results._build_sr_reference(src, make_result(), now=NOW)
+    with pytest.raises(ValueError) as fast_exc:
+        build_sr(src, make_result(), now=NOW)
+    assert str(fast_exc.value) == str(ref_exc.value)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_fast_sr_equals_reference_on_real_files(tmp_path: Path, name: str) -> None:
+    src = load_real(name)
+    for kind in ("normal", "pneumonia", "covid19", "unknown-class-no-sha"):
+        sr = assert_same_as_reference(src, _result_variant(kind))
+        path = tmp_path / f"sr-{kind}.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], (name, kind)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
