@@ -82,7 +82,7 @@ def labelled_rows(rows: Sequence[dict], label: str) -> list[dict]:
 def load_grey8(path: str | os.PathLike, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
     """The 8-bit grey image the worker's pipeline produces before ``grey_to_input``.
 
-    PNG/JPEG: EXIF orientation, then the worker's own conversion to grey (``imaging._pil_to_grey8``,
+    PNG/JPEG: EXIF orientation, then the worker's own conversion to grey (``imaging.pil_to_grey8``,
     the exact code inside ``load_image_file``).  DICOM: ``to_grey8(ds, decode(ds))`` (the worker's
     ``preprocess`` is bit-identical to ``grey_to_input`` of this)."""
     p = str(path)
@@ -93,7 +93,7 @@ def load_grey8(path: str | os.PathLike, spec: PreprocessSpec = PreprocessSpec())
         return imaging.to_grey8(ds, imaging.decode(ds, spec), spec)
     with Image.open(p) as im:
         im = ImageOps.exif_transpose(im) or im
-        return imaging._pil_to_grey8(im)
+        return imaging.pil_to_grey8(im)
 
 
 @dataclass(frozen=True)

@@ -923,7 +923,7 @@ def _minmax8(a: np.ndarray) -> np.ndarray:
     return np.floor(np.clip(y, 0.0, 255.0) + 0.5).astype(np.uint8)
 
 
-def _pil_to_grey8(im: Image.Image) -> np.ndarray:
+def pil_to_grey8(im: Image.Image) -> np.ndarray:
     if im.mode == "L":
         return np.asarray(im)
     if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grey (e.g. 16-bit PNG: "I;16")
@@ -939,5 +939,5 @@ def load_image_file(path: str | os.PathLike, spec: PreprocessSpec = PreprocessSp
     """
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im) or im
-        grey = _pil_to_grey8(im)
+        grey = pil_to_grey8(im)
     return grey_to_input(grey, spec)
