@@ -924,6 +924,11 @@ def _minmax8(a: np.ndarray) -> np.ndarray:
 
 
 def pil_to_grey8(im: Image.Image) -> np.ndarray:
+    """A Pillow image as uint8 grey: 8-bit as is, 16/32-bit grey by min-max, colour to L.
+
+    Public because training caches exactly these pixels (training/data.py), so that a cached
+    PNG and ``load_image_file`` can never disagree.
+    """
     if im.mode == "L":
         return np.asarray(im)
     if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grey (e.g. 16-bit PNG: "I;16")
