@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import SHARED, free_port  # noqa: E402
+from support import SHARED, free_port, wait_for  # noqa: E402,F401  (wait_for: re-exported for old imports)
 
 from worker.settings import Settings, load_settings  # noqa: E402
 
@@ -149,16 +149,6 @@ def pg_fresh_url(postgres_url: str) -> Iterator[str]:
         conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
     yield postgres_url
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` until true or the timeout (short polls, never long sleeps)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterable
 from io import BytesIO
 from pathlib import Path
@@ -154,3 +155,13 @@ def echo(port: int, *, calling: str = "TESTSCU", called: str = "CXRTRIAGE") -> i
 
 def requested(sop_class: str, ts: str):  # pragma: no cover - small convenience
     return build_context(sop_class, ts)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until true or the timeout (short polls, never long sleeps)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import wait_for
+from support import wait_for
 from support import free_port, make_image, send
 
 from worker.audit import AuditLog, fingerprint

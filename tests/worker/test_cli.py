@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from support import wait_for
 from support import CT_STORAGE, free_port, make_image
 
 from worker import cli

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from support import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from support import CT_STORAGE, free_port, make_image, send
 

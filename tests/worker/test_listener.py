@@ -119,7 +119,7 @@ def test_wrong_calling_ae_is_rejected_and_recorded(settings: Settings) -> None:
         assert echo(n.port, calling="INTRUDER") is None
         assert send([make_image()], n.port, calling="INTRUDER") == [None]
         assert echo(n.port, calling="PACS1") == 0x0000
-        from conftest import wait_for
+        from support import wait_for
 
         assert wait_for(lambda: len(events(n.db)) == 2, timeout=10)
         evs = events(n.db)
@@ -131,7 +131,7 @@ def test_wrong_calling_ae_is_rejected_and_recorded(settings: Settings) -> None:
 
 
 def test_wrong_called_ae_is_rejected(node: Node) -> None:
-    from conftest import wait_for
+    from support import wait_for
 
     assert echo(node.port, called="SOMEONEELSE") is None
     assert wait_for(lambda: len(events(node.db)) == 1, timeout=10)  # recorded by the server thread

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from support import wait_for
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from support import free_port, make_image, send, to_bytes

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from support import wait_for
 from support import make_image, send
 
 from worker import jobs

@@ -7,7 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from support import wait_for
 from support import make_image, send
 
 from worker import jobs

@@ -123,7 +123,7 @@ def test_failure_status_retries_with_backoff_then_delivers(store, settings: Sett
         (d,) = _deliveries(db)
         assert d.state == "pending_send" and d.last_status == 0xA700 and d.attempts == 1
         assert sender.send_due(db, spool, s).sent == 0  # not due yet
-        from conftest import wait_for
+        from support import wait_for
 
         assert wait_for(lambda: sender.send_due(db, spool, s).sent == 1, timeout=5)
         assert _deliveries(db)[0].state == "sent"
@@ -137,7 +137,7 @@ def test_unreachable_peer_ends_send_failed_then_resend_delivers(store, settings:
     dest = Destination(name="pacs", type="dicom", ae_title="PACS", host="127.0.0.1", port=port)
     s = _settings(settings, dest, backoff_seconds=0.01, backoff_max_seconds=0.01, jitter=0.0, max_attempts=3, timeout=2)
     (uid,) = _result(db, spool, ["pacs"])
-    from conftest import wait_for
+    from support import wait_for
 
     assert wait_for(lambda: (sender.send_due(db, spool, s), _deliveries(db)[0].state)[1] == "send_failed", timeout=20)
     (d,) = _deliveries(db)
