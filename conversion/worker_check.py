@@ -57,7 +57,7 @@ def _png_grey8(path: Path) -> np.ndarray:
     # The same decode as worker.imaging.load_image_file (EXIF orientation, then to 8-bit grey).
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im) or im
-        return imaging._pil_to_grey8(im)  # noqa: SLF001 - one decode for PNGs, owned by worker.imaging
+        return imaging.pil_to_grey8(im)  # one decode for PNGs, owned by worker.imaging
 
 
 def worker_predictions(

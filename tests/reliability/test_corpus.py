@@ -354,12 +354,10 @@ def test_same_sop_instance_uid_for_another_patient(screening) -> None:
     other = make_image(rows=64, cols=64, seed=2, patient_id="SOMEONE-ELSE")
     other.SOPInstanceUID = first.SOPInstanceUID
     other.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
-    assert send([first, other], screening.port) == [0x0000, 0x0000]
-    # Current design (tests/worker/test_listener.py): the first object is kept and screened; the
-    # second is acknowledged and recorded as duplicate_differs, with a reason. See
-    # docs/reliability.md ("not covered") for why a failure status would be safer.
+    # A UID collision is refused (0xC000), so its sender keeps the image; the first one is screened.
+    assert send([first, other], screening.port) == [0x0000, 0xC000]
     (ev,) = [e for e in screening.events(first.SOPInstanceUID)]
-    assert ev["kind"] == "duplicate_differs" and "first received object is kept" in ev["reason"]
+    assert ev["kind"] == "refused" and "already stored for another" in ev["reason"]
     assert outcome(screening, first.SOPInstanceUID, 0)[0] == "done"
     assert dcmread(screening.node.spool.path(screening.row(first.SOPInstanceUID).path)).PatientID == "TEST-0001"
 
