@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from worker import jobs
 from worker.modelcard import ModelCardError
@@ -280,7 +280,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         oldest = jobs.oldest_waiting(db)
         sends = jobs.delivery_counts(db)
         with db.sessions() as s:
-            refused = len(list(s.scalars(select(jobs.IntakeEvent.id).where(jobs.IntakeEvent.kind != "duplicate"))))
+            refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind != "duplicate")) or 0
     finally:
         db.close()
     out = {

@@ -627,19 +627,14 @@ def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
     for code, kw in ((codes.DCM.PixelDataRows, "Rows"), (codes.DCM.PixelDataColumns, "Columns")):
         if kw in source and source[kw].value:
             descriptors.append(num(code, int(source[kw].value), _PIXELS))
-    orientation = source.get("PatientOrientation")
-    if isinstance(orientation, (list, MultiValue)) and len(orientation) == 2 and all(orientation):
-        descriptors.append(text(codes.DCM.PatientOrientationRow, str(orientation[0])))
-        descriptors.append(text(codes.DCM.PatientOrientationColumn, str(orientation[1])))
-    spacing = source.get("ImagerPixelSpacing")
-    if isinstance(spacing, (list, MultiValue)) and len(spacing) == 2:
-        try:
-            row_mm, col_mm = float(spacing[0]), float(spacing[1])
-        except (TypeError, ValueError):
-            pass
-        else:
-            descriptors.append(num(codes.DCM.HorizontalPixelSpacing, col_mm, codes.UCUM.Millimeter))
-            descriptors.append(num(codes.DCM.VerticalPixelSpacing, row_mm, codes.UCUM.Millimeter))
+    orientation, spacing = _orientation_and_spacing(source)
+    if orientation is not None:
+        descriptors.append(text(codes.DCM.PatientOrientationRow, orientation[0]))
+        descriptors.append(text(codes.DCM.PatientOrientationColumn, orientation[1]))
+    if spacing is not None:
+        row_mm, col_mm = spacing
+        descriptors.append(num(codes.DCM.HorizontalPixelSpacing, col_mm, codes.UCUM.Millimeter))
+        descriptors.append(num(codes.DCM.VerticalPixelSpacing, row_mm, codes.UCUM.Millimeter))
     image = hd.sr.ImageContentItem(
         name=_SOURCE,
         referenced_sop_class_uid=str(source.SOPClassUID),
@@ -652,6 +647,26 @@ def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
     library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=contains)
     library.ContentSequence = hd.sr.ContentSequence([group])
     return library
+
+
+def _orientation_and_spacing(source: Dataset) -> tuple[tuple[str, str] | None, tuple[float, float] | None]:
+    """Patient Orientation (row, column) and Imager Pixel Spacing (row mm, column mm) when usable.
+
+    One reading for both SR builders (the highdicom reference and the fast path), so they can
+    never disagree on which source values make it into the Image Library.
+    """
+    orientation = source.get("PatientOrientation")
+    pair = None
+    if isinstance(orientation, (list, MultiValue)) and len(orientation) == 2 and all(orientation):
+        pair = (str(orientation[0]), str(orientation[1]))
+    spacing = source.get("ImagerPixelSpacing")
+    mm = None
+    if isinstance(spacing, (list, MultiValue)) and len(spacing) == 2:
+        try:
+            mm = (float(spacing[0]), float(spacing[1]))
+        except (TypeError, ValueError):
+            mm = None
+    return pair, mm
 
 
 def _modality_code(modality: str) -> CodedConcept:
@@ -1017,24 +1032,19 @@ def _image_library_fast(source: Dataset) -> Dataset:
         if kw in source and source[kw].value:
             n = int(source[kw].value)
             descriptors.append(_cached((kw, n), lambda: _num_item(acq, code, n, _PIXELS)))
-    orientation = source.get("PatientOrientation")
-    if isinstance(orientation, (list, MultiValue)) and len(orientation) == 2 and all(orientation):
-        row, col = str(orientation[0]), str(orientation[1])
+    orientation, spacing = _orientation_and_spacing(source)
+    if orientation is not None:
+        row, col = orientation
         descriptors.append(_cached(("orientation-row", row), lambda: _text_item(acq, _C_ORIENTATION_ROW, row)))
         descriptors.append(_cached(("orientation-col", col), lambda: _text_item(acq, _C_ORIENTATION_COLUMN, col)))
-    spacing = source.get("ImagerPixelSpacing")
-    if isinstance(spacing, (list, MultiValue)) and len(spacing) == 2:
-        try:
-            row_mm, col_mm = float(spacing[0]), float(spacing[1])
-        except (TypeError, ValueError):
-            pass
-        else:
-            descriptors.append(
-                _cached(("h-spacing", repr(col_mm)), lambda: _num_item(acq, _C_H_SPACING, col_mm, _C_MM))
-            )
-            descriptors.append(
-                _cached(("v-spacing", repr(row_mm)), lambda: _num_item(acq, _C_V_SPACING, row_mm, _C_MM))
-            )
+    if spacing is not None:
+        row_mm, col_mm = spacing
+        descriptors.append(
+            _cached(("h-spacing", repr(col_mm)), lambda: _num_item(acq, _C_H_SPACING, col_mm, _C_MM))
+        )
+        descriptors.append(
+            _cached(("v-spacing", repr(row_mm)), lambda: _num_item(acq, _C_V_SPACING, row_mm, _C_MM))
+        )
     image = _content_item(
         _CONTAINS, "IMAGE", _SOURCE,
         _el(_T_REF_SOP_SEQ, "SQ", [_sop_ref(str(source.SOPClassUID), str(source.SOPInstanceUID))]),

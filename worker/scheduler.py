@@ -127,9 +127,9 @@ class BatchScheduler:
             self.on_batch(report)
         return report
 
-    def _run(self) -> None:
+    def _run(self, force: bool = False) -> None:
         try:
-            self.run_once()
+            self.run_once(force=force)
         except Exception:  # keep the schedule alive; leases bring claimed jobs back
             log.exception("batch run failed; claimed jobs return to the queue when their lease expires")
 
@@ -159,15 +159,9 @@ class BatchScheduler:
             queued, oldest = jobs.queued_summary(self.db)
             if queued and oldest is not None and oldest <= missed:
                 log.info("catch-up run: %d image(s) waited through a scheduled run at %s", queued, missed.isoformat())
-                self._scheduler.add_job(self._run_catch_up, id="catch-up", max_instances=1)
+                self._scheduler.add_job(self._run, kwargs={"force": True}, id="catch-up", max_instances=1)
         self._scheduler.start()
         log.info("batch scheduler started (%s)", sc.mode)
-
-    def _run_catch_up(self) -> None:
-        try:
-            self.run_once(force=True)
-        except Exception:
-            log.exception("catch-up run failed")
 
     def next_run(self) -> dt.datetime | None:
         """When the batch job runs next (for status output and tests)."""
