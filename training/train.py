@@ -156,7 +156,7 @@ def predict(model: nn.Module, ds: ManifestDataset, *, batch_size: int = 64, devi
     probs, total, n = [], 0.0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         logits = logits.float()
         if criterion is not None:
@@ -229,14 +229,16 @@ def train_run(
     model = create_model(model_name, len(classes), weights=mcfg["weights"], resnet_weights=mcfg["resnet_weights"] or None,
                          mobilenet_weights=mcfg["mobilenet_weights"] or None, **kwargs)
     model.to(device)
-    if device.type == "cuda" and t["channels_last"]:
+    cpu_amp = bool(t["cpu_amp"]) and device.type == "cpu"
+    channels_last = (device.type == "cuda" and t["channels_last"]) or cpu_amp
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = _optimizer(model, t)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: _lr_factor(e, t))
     weight = torch.tensor(cw, dtype=torch.float32, device=device)
     crit = nn.CrossEntropyLoss(weight=weight, label_smoothing=float(t["label_smoothing"]))
     val_crit = nn.CrossEntropyLoss(weight=weight)
-    amp = bool(t["amp"]) and device.type == "cuda"
+    amp = (bool(t["amp"]) and device.type == "cuda") or cpu_amp
 
     mspec = model_spec(model_name, len(classes), **kwargs)
     training_meta = {
@@ -288,7 +290,7 @@ def train_run(
             if b >= nb:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda" and t["channels_last"]:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)
@@ -340,7 +342,9 @@ def train_run(
         ds = val_ds if name == "val" else ManifestDataset(rows, **mk)
         if len(ds) == 0:
             continue
-        prob, loss = predict(best_model, ds, batch_size=int(t["eval_batch_size"]), device=device, criterion=val_crit, amp=amp)
+        # the reported metrics in float32 on CPU (bf16 there is a training speed-up, not the served model)
+        prob, loss = predict(best_model, ds, batch_size=int(t["eval_batch_size"]), device=device, criterion=val_crit,
+                             amp=amp and device.type == "cuda")
         _write_predictions(run_dir / f"predictions_{name}.csv", ds, prob)
         metrics[name] = classification_metrics(ds.labels, prob, classes, groups=ds.groups if group_col else None, loss=loss)
     save_checkpoint(run_dir / "best.pt", best_model, model_spec=mspec, classes=classes, input=_input_entry(spec),
