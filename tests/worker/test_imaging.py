@@ -810,3 +810,51 @@ def test_real_chest_dicoms_preprocess(path: Path | None) -> None:
     centre = g[h // 3 : 2 * h // 3, w // 2 - w // 20 : w // 2 + w // 20].mean()
     assert centre > np.percentile(g, 10) + 40
     assert len(_shared_files()) == 3
+
+
+# ------------------------------------------------------------------ reduced-resolution JPEG 2000
+
+
+def _smooth_image(rows: int, cols: int, stored: int) -> np.ndarray:
+    """A radiograph-like smooth image (gradients and a few soft blobs), as CR images mostly are."""
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float64)
+    hi = (1 << stored) - 1
+    img = 0.3 + 0.4 * yy / rows + 0.2 * np.sin(xx / cols * 6.0)
+    for cy, cx, s in ((0.4, 0.3, 0.08), (0.6, 0.7, 0.12)):
+        img += 0.15 * np.exp(-(((yy / rows - cy) ** 2 + (xx / cols - cx) ** 2) / (2 * s * s)))
+    return (img / img.max() * hi).astype(np.uint16)
+
+
+@pytest.mark.parametrize("stored", [12, 16])
+def test_large_jpeg2000_decodes_at_the_smallest_level_that_covers_the_input(stored: int) -> None:
+    from support import make_image
+
+    ds = make_image(_smooth_image(1000, 1200, stored), stored=stored)
+    ds.compress(JPEG2000Lossless)
+    reduced = imaging.decode(ds, PreprocessSpec())
+    full = imaging.decode(ds, PreprocessSpec(j2k_reduce=False))
+    assert full.shape == (1000, 1200) and reduced.shape == (250, 300)  # 1000/4 >= 224 > 1000/8
+    # level 2's low-pass band vs 4x4 block means of the full image: same picture, same value range
+    blocks = full.reshape(250, 4, 300, 4).mean(axis=(1, 3))
+    assert np.abs(reduced.astype(float) - blocks).mean() < 0.01 * ((1 << stored) - 1)
+    a = imaging.preprocess(ds, PreprocessSpec())
+    b = imaging.preprocess(ds, PreprocessSpec(j2k_reduce=False))
+    assert a.shape == b.shape == (3, 224, 224)
+    assert np.abs(a - b).mean() * 0.229 * 255 < 2.0  # under 2 grey levels on average
+
+
+def test_jpeg2000_reduction_keeps_the_input_size_covered() -> None:
+    hdr = imaging._J2KHeader(rows=2000, cols=2500, precision=12, signed=False, levels=5)
+    assert imaging._j2k_reduction(hdr, PreprocessSpec()) == 3  # 250 >= 224
+    assert imaging._j2k_reduction(hdr, PreprocessSpec(size=(256, 256))) == 2  # 250 < 256 <= 500
+    assert imaging._j2k_reduction(imaging._J2KHeader(2000, 2500, 12, False, levels=1), PreprocessSpec()) == 1
+    assert imaging._j2k_reduction(imaging._J2KHeader(446, 2500, 12, False, levels=5), PreprocessSpec()) == 0  # 223 < 224
+
+
+def test_small_and_odd_jpeg2000_take_the_full_decoder() -> None:
+    from support import make_image
+
+    ds = make_image(_smooth_image(300, 260, 12), stored=12)  # too small to reduce
+    ds.compress(JPEG2000Lossless)
+    assert imaging.decode(ds, PreprocessSpec()).shape == (300, 260)
+    assert imaging._j2k_header(b"\x00\x00\x00\x0cjP  \r\n\x87\n") is None  # a JP2 box, not a codestream
