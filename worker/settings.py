@@ -98,7 +98,7 @@ class BatchSettings:
     size: int = 16
     lease_seconds: int = 300
     max_attempts: int = 3
-    poll_seconds: float = 1.0
+    poll_seconds: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class ScheduleSettings:
     mode: str = "continuous"
     interval_minutes: float = 15.0
     cron: str = "0 * * * *"
-    gather_seconds: float = 2.0
+    gather_seconds: float = 0.25
     max_batch_seconds: float = 0.0
     misfire_grace_seconds: int = 3600
 

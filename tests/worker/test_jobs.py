@@ -148,3 +148,21 @@ def test_migration_is_idempotent(tmp_path: Path) -> None:
         assert c.execute(text("pragma journal_mode")).scalar() == "wal"
         assert c.execute(text("pragma synchronous")).scalar() == 2  # FULL
     db.close()
+
+
+def test_head_revision_constant_is_alembics_head_and_skips_alembic_when_current(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    from importlib import resources
+
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("worker") / "migrations"))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == jobs.HEAD_REVISION
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    jobs.Database.open(url).close()  # creates the schema (Alembic runs)
+    code = f"import sys; from worker import jobs; jobs.Database.open({url!r}).close(); print('alembic' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
