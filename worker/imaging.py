@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -968,14 +969,20 @@ def grey_to_input(grey8: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) ->
     return np.take(table, img, axis=1)
 
 
-def preprocess(ds: pydicom.Dataset, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+def preprocess(
+    ds: pydicom.Dataset, spec: PreprocessSpec = PreprocessSpec(), timings: dict[str, float] | None = None
+) -> np.ndarray:
     """= grey_to_input(to_grey8(ds, decode(ds, spec), spec), spec).
 
     Same result, computed faster: native data is read as raw words (masking and sign extension
     folded into the lookup table), statistics come from the whole frame, and only the cropped
     region is mapped through the table.  Raises PixelError like :func:`decode`/:func:`to_grey8`.
+    ``timings``, when given, receives ``decode_ms`` (the pixel decode alone).
     """
+    t0 = time.perf_counter()
     arr, g, raw = _decode_frame(ds, spec)
+    if timings is not None:
+        timings["decode_ms"] = (time.perf_counter() - t0) * 1e3
     if not _is_table_dtype(arr.dtype):
         return grey_to_input(to_grey8(ds, arr, spec), spec)
     if raw:

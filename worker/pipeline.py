@@ -137,7 +137,7 @@ def run_batch(
         # 4. preprocess: the same code training uses
         t = time.perf_counter()
         try:
-            tensor = imaging.preprocess(ds, spec)
+            tensor = imaging.preprocess(ds, spec, timings=timing)
         except imaging.PixelError as exc:
             outcomes[job.id] = Outcome(job.id, State.SKIPPED, f"pixel data: {exc}", timings=timing)
             continue
@@ -150,7 +150,8 @@ def run_batch(
             continue
         if not settings.send.secondary_capture:
             del ds.PixelData  # the SR needs the header only; keep memory flat
-        timing["preprocess_ms"] = (time.perf_counter() - t) * 1e3
+        # preprocess_ms: LUTs, crop, resize, normalisation (decode_ms, measured inside, excluded)
+        timing["preprocess_ms"] = (time.perf_counter() - t) * 1e3 - timing.get("decode_ms", 0.0)
         stage["preprocess"] += time.perf_counter() - t
         ready.append((job, ds, tensor, timing))
 
@@ -250,6 +251,9 @@ def run_batch(
         stage_seconds=stage,
         storage_errors=storage_errors,
     )
+    audit.record("batch_finished", claimed=report.claimed, done=report.done, skipped=report.skipped,
+                 failed=report.failed, ms=round(report.seconds * 1e3, 1),
+                 stage_ms={k: round(v * 1e3, 2) for k, v in stage.items()})
     log.info(
         "batch: %d claimed, %d done, %d skipped, %d failed in %.2f s",
         report.claimed, report.done, report.skipped, report.failed, report.seconds,

@@ -70,7 +70,7 @@ def test_full_run_logs_no_patient_identity_and_audits_everything(tmp_path: Path,
     for secret in NAMES + IDS + [BIRTH, "Zyxwvut", "Qponmlk", "Aardvarkian", "Bertholdine", "ZQX", "YRW"]:
         assert secret not in logs, f"patient identity {secret!r} leaked into the logs"
     events = [json.loads(x)["event"] for x in audit_text.splitlines()]
-    for e in ("node_started", "job_finished", "result_produced", "result_sent", "node_stopped"):
+    for e in ("node_started", "job_finished", "batch_finished", "result_produced", "result_sent", "node_stopped"):
         assert e in events, e
     assert events.count("result_sent") == 4 and events.count("job_finished") == 3
 

@@ -116,7 +116,7 @@ def test_every_accepted_transfer_syntax_is_received_and_screened(screening, tmp_
         assert row.transfer_syntax == ts  # stored as received, never transcoded
         assert row.state == "done" and row.model_name == "toy" and row.priority in {"urgent", "routine"}
         assert sum(row.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
-        assert set(row.timings) >= {"read_ms", "preprocess_ms", "infer_ms"}
+        assert set(row.timings) >= {"read_ms", "decode_ms", "preprocess_ms", "infer_ms", "build_ms"}
 
 
 def _rows(node: Node) -> list[jobs.Instance]:
