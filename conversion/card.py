@@ -24,7 +24,7 @@ from typing import Any
 
 from worker.modelcard import DEFAULT_TRIAGE_RULE, write_card
 
-__all__ = ["INTENDED_USE", "architecture_text", "build_card", "write_card"]
+__all__ = ["INTENDED_USE", "architecture_text", "build_card", "card_markdown", "write_card"]
 
 INTENDED_USE = "research screening aid; not for diagnosis"
 
@@ -103,3 +103,86 @@ def build_card(
 def write(model_dir: str | Path, card: Mapping[str, Any]) -> Path:
     """``worker.modelcard.write_card`` (validates, adds ``files.bin_sha256``, atomic)."""
     return write_card(model_dir, card)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.1f}"
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.3f}"
+
+
+def card_markdown(card: Mapping[str, Any]) -> str:
+    """The card as a page a person reads (``README.md`` beside ``model.json``); every number is
+    taken from the card, so the two cannot disagree."""
+    classes = list(card["classes"])
+    m = card.get("metrics") or {}
+    deployed = m.get("deployed")
+    dm = m.get(deployed) or {} if deployed else {}
+    tr = card.get("training") or {}
+    cfg = tr.get("config") or {}
+    t, d, mc = cfg.get("train") or {}, cfg.get("data") or {}, cfg.get("model") or {}
+    note = (cfg.get("experiment") or {}).get("note", "")
+    lines = [
+        f"# {card['name']} {card['version']}",
+        "",
+        f"**Intended use: {card.get('intended_use', INTENDED_USE)}.** Trained on small public "
+        "data sets whose classes come from different hospitals, countries, ages and publications; it can recognise the "
+        "source of an image rather than the disease. Not a medical device, not validated on any hospital's images.",
+        "",
+        f"* architecture: {card.get('architecture')}, {len(classes)} classes ({', '.join(classes)}), "
+        f"input {card['input']['size'][0]} x {card['input']['size'][1]} grey replicated to {card['input']['channels']} "
+        "channels, ImageNet normalisation",
+        f"* deployed precision: {card['precision']} (measured as `{deployed}` below)",
+        f"* training: {note or 'see model.json training.config'}",
+        f"  (data.size {d.get('size')}, epochs {t.get('epochs')}, optimizer {t.get('optimizer')} lr {t.get('lr')}, "
+        f"schedule {t.get('schedule')}, label smoothing {t.get('label_smoothing')}, selection {t.get('select')}, "
+        f"best epoch {tr.get('best_epoch')}; MobileNet init {mc.get('mobilenet_weights') or mc.get('weights')}, "
+        f"ResNet50 init {mc.get('resnet_weights') or mc.get('weights')})",
+        f"* checkpoint sha256 {((tr.get('checkpoint') or {}).get('sha256') or '-')[:16]}..., commit {tr.get('commit')}, "
+        f"manifest sha256 {(tr.get('manifest_sha256') or '-')[:16]}...",
+        "",
+        f"## Test split ({m.get('split', '?')}, n = {m.get('n', '?')}; `{m.get('label_column', '')}`)",
+        "",
+    ]
+    groups = [("all", dm.get("overall") or {})] + sorted((dm.get("by_age_group") or {}).items())
+    head = "| group | n | accuracy | balanced acc. | " + " | ".join(
+        f"{c} sens. / spec. / AUROC" for c in classes) + " |"
+    lines += [head, "|" + " --- |" * (4 + len(classes))]
+    for g, r in groups:
+        pc = r.get("per_class") or {}
+        cells = [f"{_pct((pc.get(c) or {}).get('sensitivity'))} / {_pct((pc.get(c) or {}).get('specificity'))} / "
+                 f"{_num((pc.get(c) or {}).get('auc'))}" if (pc.get(c) or {}).get("n") else "no cases" for c in classes]
+        lines.append(f"| {g} | {r.get('n', '-')} | {_pct(r.get('accuracy'))} | {_pct(r.get('balanced_accuracy'))} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Sensitivity, specificity and accuracy in %. Confusion matrices (rows true, columns predicted, "
+              f"order {', '.join(classes)}):", ""]
+    for g, r in groups:
+        if r.get("confusion") is not None:
+            lines.append(f"* {g}: `{r['confusion']}`")
+    thr = card.get("thresholds") or {}
+    cal = card.get("threshold_calibration") or {}
+    lines += ["", "## Operating thresholds (triage)", "",
+              f"Rule: {card.get('triage_rule')}. Thresholds chosen on the {cal.get('split', 'validation')} split for "
+              f"target sensitivities {cal.get('targets')}:", ""]
+    tri = (dm.get("overall") or {}).get("triage") or {}
+    for c, v in thr.items():
+        got = (tri.get("per_class") or {}).get(c) or {}
+        lines.append(f"* {c}: P >= {v:.4f}; on the test split sensitivity {_pct(got.get('sensitivity'))} %, "
+                     f"specificity {_pct(got.get('specificity'))} %")
+    urgent = tri.get("urgent") or {}
+    if urgent:
+        lines.append(f"* any abnormal class urgent: sensitivity {_pct(urgent.get('sensitivity'))} %, specificity "
+                     f"{_pct(urgent.get('specificity'))} %, share of images marked urgent {_pct(urgent.get('urgent_share'))} %")
+    lines += ["", "## Conversion gates", ""]
+    for g in card.get("gates") or []:
+        lines.append(f"* {g['name']}: {g['value']:.6g} (limit {g['op']} {g['limit']:g}) "
+                     f"{'passed' if g['passed'] else 'FAILED'}{' - ' + g['detail'] if g.get('detail') else ''}")
+    lines += ["", "## Data and licences", "",
+              "Trained on the manifest's train split (validation for selection and thresholds) of public chest X-ray "
+              "collections: Kermany et al. 2018 (children, CC BY 4.0), NIH ChestX-ray14 (adults, no restriction), "
+              "the COVID-19 image data collection of Cohen et al. (per-image licences, many CC BY-NC-SA / CC BY-NC-ND "
+              "or unstated), Actualmed and Figure1 (no licence stated). Several training images are non-commercial: "
+              "check the licences before any commercial use of this model.", ""]
+    return "\n".join(lines)

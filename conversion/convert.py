@@ -349,6 +349,7 @@ def convert_model(
         c["gates"] = [g.to_dict() for g in gates]
         c["conversion"]["worker_check"] = worker_info
         cardmod.write(d, c)
+        (d / "README.md").write_text(cardmod.card_markdown(c) + "\n")  # the same card, for people
 
     report = {
         "out": str(out), "deployed": deployed, "precision": deployed_precision,

@@ -22,7 +22,11 @@ def _gate_names(result) -> list[str]:
 def test_fp16_conversion_passes_gates_and_writes_card(fp16_result):
     out = fp16_result.out_dir
     assert fp16_result.passed and fp16_result.precision == "f32"
-    assert sorted(p.name for p in out.iterdir()) == ["conversion.json", "model.bin", "model.json", "model.xml"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "conversion.json", "model.bin", "model.json",
+                                                     "model.xml"]
+    readme = (out / "README.md").read_text()
+    acc = json.loads((out / "model.json").read_text())["metrics"]["ir_f32"]["overall"]["accuracy"]
+    assert f"| all | " in readme and f"{100 * acc:.1f}" in readme and "non-commercial" in readme
     assert not out.with_name(out.name + ".partial").exists()
     assert _gate_names(fp16_result) == ["parity_fp32", "parity_fp16", "worker_reproduces"]
     for g in fp16_result.gates:
