@@ -1,6 +1,6 @@
 """``cxr-triage``: one command, with subcommands; each entry is ``main(argv=None) -> int``.
 
-Subcommands: ``serve`` (listener + batches), ``batch`` (batches only; ``--once`` drains the
+Subcommands: ``demo`` (the main job end to end on the shipped samples), ``serve`` (listener + batches), ``batch`` (batches only; ``--once`` drains the
 queue, sends what is due and exits, for cron or systemd timers), ``query`` and ``status`` (the
 triage database), ``resend`` (failed deliveries back to the queue), ``migrate`` (schema
 upgrade; also done on every start).
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (_, text) in UPSTREAM.items():
         sub.add_parser(name, help=text, add_help=False)
+
+    from worker import demo
+
+    demo.add_parser(sub, _common)
 
     p = sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
     _common(p)
@@ -329,6 +333,12 @@ def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
         db.close()
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import demo
+
+    return demo.run(args, settings)
+
+
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     if settings.storage.database_url is None:
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -344,6 +354,7 @@ COMMANDS = {
     "status": cmd_status,
     "resend": cmd_resend,
     "migrate": cmd_migrate,
+    "demo": cmd_demo,
 }
 
 

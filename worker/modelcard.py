@@ -61,6 +61,8 @@ __all__ = [
     "file_sha256",
     "triage",
     "write_card",
+    "DEFAULT_MODEL_DIR",
+    "default_model_dir",
 ]
 
 SCHEMA_VERSION = 1
@@ -71,6 +73,16 @@ PRECISIONS: tuple[str, ...] = ("f32", "bf16", "f16", "int8")
 OUTPUTS: tuple[str, ...] = ("probabilities", "logits")
 LAYOUTS: tuple[str, ...] = ("NCHW",)
 DEFAULT_TRIAGE_RULE = "urgent if P(class) >= threshold for any thresholded class, else routine"
+
+#: The model shipped inside the package (issue 6): used when no ``model.path`` is configured.
+#: A folder like any other model folder; absent in a checkout where it was never added.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def default_model_dir() -> Path | None:
+    """The packaged default model's folder, or None when this install carries none."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / CARD_FILE).is_file() else None
+
 
 _MISSING_FILES = "--model DIR must hold model.json, model.xml and model.bin"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

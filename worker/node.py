@@ -69,15 +69,22 @@ def open_storage(settings: Settings) -> tuple[jobs.Database, Spool]:
 
 
 def load_engine(settings: Settings) -> "Engine":
-    """The model named by ``model.path``; a clear error when none is configured."""
-    if settings.model.path is None:
+    """The model named by ``model.path``, else the default model shipped in the package.
+
+    A clear error when neither exists (a source checkout without the packaged model).
+    """
+    from worker.modelcard import default_model_dir
+
+    path = settings.model.path or default_model_dir()
+    if path is None:
         raise SettingsError(
-            "model.path is not set: screening needs --model DIR (or CXR_TRIAGE_MODEL_PATH) pointing at "
-            "a folder with an OpenVINO IR (model.xml, model.bin) and its model card (model.json)"
+            "model.path is not set and this install has no default model: screening needs --model DIR "
+            "(or CXR_TRIAGE_MODEL_PATH) pointing at a folder with an OpenVINO IR (model.xml, model.bin) "
+            "and its model card (model.json)"
         )
     from worker.engine import Engine
 
-    return Engine(settings.model.path, precision=settings.model.precision)
+    return Engine(path, precision=settings.model.precision)
 
 
 @dataclass
