@@ -97,10 +97,11 @@ class PreprocessSpec:
             PNGs were made) or ``"none"`` (squash to ``size``).
         max_bytes: declared pixel data larger than this is refused before decoding.
         j2k_reduce: decode JPEG 2000 (PS3.5 A.4.4) at the smallest wavelet resolution level whose
-            shorter side still covers the model input (ISO 15444-1: each level halves both sides),
-            instead of at full size and then throwing 99 % of the pixels away.  The level's LL band
-            is a proper low-pass image, so the model sees what a downsampling of the full image
-            gives; a 2000 x 2500 lossless image decodes about 50 times faster.
+            shorter side is still at least twice the model input (ISO 15444-1: each level halves
+            both sides), instead of at full size and then throwing 99 % of the pixels away.  The
+            level's LL band is a proper low-pass image and the usual resize does the last step,
+            so the model sees nearly what the full decode gives; a 2000 x 2500 lossless image
+            decodes about 20 times faster.
     """
 
     size: tuple[int, int] = (224, 224)
@@ -462,8 +463,14 @@ def _j2k_header(frame: bytes) -> _J2KHeader | None:
 
 
 def _j2k_reduction(header: _J2KHeader, spec: PreprocessSpec) -> int:
-    """The largest r with ceil(shorter side / 2**r) >= the model input's larger side."""
-    need = max(spec.size)
+    """The largest r with ceil(shorter side / 2**r) >= twice the model input's larger side.
+
+    Twice, not once: the wavelet low-pass band is a different filter from the box + bilinear
+    resize the full path uses, and leaving the last halving to that resize keeps the model input
+    close to the full decode's (on two real 1,024 px radiographs: mean difference 0.5-0.7 grey
+    levels, 99th percentile 4-5, instead of 1.4-1.9 and 11-12 when reducing all the way).
+    """
+    need = 2 * max(spec.size)
     r = 0
     while r < header.levels and -(-min(header.rows, header.cols) // 2 ** (r + 1)) >= need:
         r += 1

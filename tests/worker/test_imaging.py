@@ -833,28 +833,29 @@ def test_large_jpeg2000_decodes_at_the_smallest_level_that_covers_the_input(stor
     ds.compress(JPEG2000Lossless)
     reduced = imaging.decode(ds, PreprocessSpec())
     full = imaging.decode(ds, PreprocessSpec(j2k_reduce=False))
-    assert full.shape == (1000, 1200) and reduced.shape == (250, 300)  # 1000/4 >= 224 > 1000/8
-    # level 2's low-pass band vs 4x4 block means of the full image: same picture, same value range
-    blocks = full.reshape(250, 4, 300, 4).mean(axis=(1, 3))
+    assert full.shape == (1000, 1200) and reduced.shape == (500, 600)  # 1000/2 >= 2 * 224 > 1000/4
+    # level 1's low-pass band vs 2x2 block means of the full image: same picture, same value range
+    blocks = full.reshape(500, 2, 600, 2).mean(axis=(1, 3))
     assert np.abs(reduced.astype(float) - blocks).mean() < 0.01 * ((1 << stored) - 1)
     a = imaging.preprocess(ds, PreprocessSpec())
     b = imaging.preprocess(ds, PreprocessSpec(j2k_reduce=False))
     assert a.shape == b.shape == (3, 224, 224)
-    assert np.abs(a - b).mean() * 0.229 * 255 < 2.0  # under 2 grey levels on average
+    assert np.abs(a - b).mean() * 0.229 * 255 < 1.0  # under 1 grey level on average
 
 
 def test_jpeg2000_reduction_keeps_the_input_size_covered() -> None:
     hdr = imaging._J2KHeader(rows=2000, cols=2500, precision=12, signed=False, levels=5)
-    assert imaging._j2k_reduction(hdr, PreprocessSpec()) == 3  # 250 >= 224
-    assert imaging._j2k_reduction(hdr, PreprocessSpec(size=(256, 256))) == 2  # 250 < 256 <= 500
+    assert imaging._j2k_reduction(hdr, PreprocessSpec()) == 2  # 500 >= 448 > 250
+    assert imaging._j2k_reduction(hdr, PreprocessSpec(size=(256, 256))) == 1  # 500 < 512 <= 1000
     assert imaging._j2k_reduction(imaging._J2KHeader(2000, 2500, 12, False, levels=1), PreprocessSpec()) == 1
-    assert imaging._j2k_reduction(imaging._J2KHeader(446, 2500, 12, False, levels=5), PreprocessSpec()) == 0  # 223 < 224
+    assert imaging._j2k_reduction(imaging._J2KHeader(894, 2500, 12, False, levels=5), PreprocessSpec()) == 0  # 447 < 448
+    assert imaging._j2k_reduction(imaging._J2KHeader(896, 2500, 12, False, levels=5), PreprocessSpec()) == 1
 
 
 def test_small_and_odd_jpeg2000_take_the_full_decoder() -> None:
     from support import make_image
 
-    ds = make_image(_smooth_image(300, 260, 12), stored=12)  # too small to reduce
+    ds = make_image(_smooth_image(800, 700, 12), stored=12)  # too small to reduce (700 / 2 < 448)
     ds.compress(JPEG2000Lossless)
-    assert imaging.decode(ds, PreprocessSpec()).shape == (300, 260)
+    assert imaging.decode(ds, PreprocessSpec()).shape == (800, 700)
     assert imaging._j2k_header(b"\x00\x00\x00\x0cjP  \r\n\x87\n") is None  # a JP2 box, not a codestream
