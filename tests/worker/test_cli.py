@@ -16,6 +16,7 @@ from support import wait_for
 from support import CT_STORAGE, free_port, make_image
 
 from worker import cli
+from worker.settings import Settings
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu, echoscu) is not installed")
 
@@ -130,11 +131,25 @@ def test_query_filters_and_formats(served, capsys: pytest.CaptureFixture[str]) -
     assert status["counts"]["done"] == 3 and status["oldest_waiting"] is None
 
 
-def test_serve_without_model_says_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_without_any_model_says_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import modelcard
+
+    monkeypatch.setattr(modelcard, "DEFAULT_MODEL_DIR", tmp_path / "no-default-model")  # an install without one
     rc = cli.main(["serve", "--data-dir", str(tmp_path), "--port", str(free_port())])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "model.path is not set" in err and "--model DIR" in err
+    assert "model.path is not set" in err and "no default model" in err and "--model DIR" in err
+
+
+def test_no_model_configured_means_the_packaged_default(settings: Settings) -> None:
+    from worker.modelcard import default_model_dir
+    from worker.node import load_engine
+
+    assert settings.model.path is None
+    engine = load_engine(settings)
+    assert engine.card.card_path is not None and engine.card.card_path.parent == default_model_dir()
 
 
 def test_bad_model_dir_and_bad_setting_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ from support import REPO
 WORKER_MODULES = [
     "worker.cli", "worker.settings", "worker.listener", "worker.spool", "worker.jobs", "worker.imaging",
     "worker.filters", "worker.modelcard", "worker.engine", "worker.pipeline", "worker.scheduler", "worker.node",
-    "worker.toymodel", "worker.results", "worker.sender",
+    "worker.toymodel", "worker.results", "worker.sender", "worker.demo",
 ]
 
 
@@ -48,3 +48,27 @@ def test_migrations_are_package_data() -> None:
 def test_no_module_named_after_the_standard_library() -> None:
     names = {p.stem for p in (REPO / "worker").glob("*.py")}
     assert not names & set(sys.stdlib_module_names)
+
+
+def test_the_wheel_carries_the_default_model_and_no_samples(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``pip install`` must bring the default model (issue 6): build the wheel from a copy of the tree."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for pkg in ("worker", "training", "conversion"):
+        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
+         str(tmp_path / "dist"), str(src)],
+        check=True, capture_output=True, text=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("cxr_triage-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ("model.xml", "model.bin", "model.json"):
+        assert f"worker/default_model/{f}" in names
+    assert "worker/migrations/versions/0001_initial.py" in names or any("migrations/versions/0001" in n for n in names)
+    assert not any(n.startswith("samples/") or n.endswith(".dcm") for n in names)

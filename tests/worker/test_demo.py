@@ -1,0 +1,131 @@
+"""The main job end to end (issue 6): the shipped default model, the shipped samples, a real node
+process, a real DICOM client, Structured Reports in the results folder.
+
+The node's predictions are checked against the model card's stated behaviour: the classes and
+the probabilities the same model gives through the worker's own decode + preprocess + engine
+path outside the node, and the priority the card's thresholds and triage rule give for those
+probabilities.  No accuracy is asserted beyond what the card itself measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from support import free_port
+from worker import cli, demo, imaging, jobs
+from worker.engine import Engine
+from worker.modelcard import ModelCard, default_model_dir, triage
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+def _rows(data_dir: Path) -> dict[str, dict]:
+    db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+    try:
+        with db.sessions() as s:
+            instances = list(s.query(jobs.Instance))
+            rows = {r.sop_instance_uid: r.as_dict() | {"deliveries": []} for r in instances}
+            by_id = {r.id: rows[r.sop_instance_uid] for r in instances}
+            for d in s.query(jobs.Delivery):
+                by_id[d.instance_id]["deliveries"].append(d.as_dict())
+    finally:
+        db.close()
+    return rows
+
+
+def test_the_default_model_ships_in_the_package() -> None:
+    folder = default_model_dir()
+    assert folder is not None, "worker/default_model/model.json is missing: the package must carry its default model"
+    card = ModelCard.load(folder)  # verifies the weights' sha256 against the card
+    assert card.classes == ("normal", "pneumonia", "covid19")
+    metrics = card.raw["metrics"]
+    deployed = metrics[metrics["deployed"]]
+    assert metrics["split"] == "test" and deployed["overall"]["n"] == 511
+    assert {"adult", "child"} <= set(deployed["by_age_group"])
+    assert set(card.thresholds) <= set(card.classes) and card.thresholds
+    assert "CPU" in json.dumps(card.raw["training"]) or "GPU" in json.dumps(card.raw["training"])
+    assert (folder / "model.bin").stat().st_size < 110 * 2**20  # FP32 IR (INT8, FP16, bf16 missed their gates)
+
+
+def test_samples_are_small_credited_and_cover_the_classes() -> None:
+    files = sorted(SAMPLES.glob("*.dcm"))
+    assert 1 <= len(files) <= 12 and sum(f.stat().st_size for f in files) <= 8 * 2**20
+    listing = list(csv.DictReader((SAMPLES / "samples.csv").open()))
+    assert sorted(r["file"] for r in listing) == [f.name for f in files]
+    assert {r["expected"] for r in listing} == {"normal", "pneumonia", "covid19"}
+    readme = (SAMPLES / "README.md").read_text()
+    for r in listing:
+        assert "NC" not in r["license"] and "ND" not in r["license"] and r["license"] != "unknown"
+        assert r["source_path"] in readme
+    syntaxes = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files}
+    assert {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"} <= syntaxes
+    photometric = {pydicom.dcmread(f, stop_before_pixels=True).PhotometricInterpretation for f in files}
+    assert photometric == {"MONOCHROME1", "MONOCHROME2"}
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        assert ds.PatientName.family_name == "DEMO" and ds.PatientIdentityRemoved == "YES"
+        assert ds.Modality in ("CR", "DX") and ds.BitsStored == 12
+
+
+def _offline(card: ModelCard, files: list[Path]) -> dict[str, dict[str, float]]:
+    """The same model outside the node: the worker's decode + preprocess + engine, one file at a time."""
+    engine = Engine(card.card_path.parent if card.card_path else default_model_dir())
+    spec = imaging.PreprocessSpec.from_card(card.raw)
+    out = {}
+    for f in files:
+        ds = pydicom.dcmread(f)
+        out[str(ds.SOPInstanceUID)] = engine.probabilities(imaging.preprocess(ds, spec)[None])[0]
+    return out
+
+
+@pytest.mark.parametrize("client", ["storescu", "pynetdicom"])
+def test_demo_screens_every_sample_like_the_card_says(
+    client: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if client == "storescu" and shutil.which("storescu") is None:
+        pytest.skip("dcmtk storescu is not installed (Debian: dcmtk)")
+    data_dir = tmp_path / "demo"
+    argv = ["demo", "--data-dir", str(data_dir), "--port", str(free_port()), "--timeout", "240"]
+    if client == "pynetdicom":
+        argv.append("--pynetdicom")
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "P(covid19)" in out and "SR objects (folder)" in out and "node stopped (exit 0)" in out
+
+    files = sorted(SAMPLES.glob("*.dcm"))
+    samples = demo.read_samples(SAMPLES)
+    rows = _rows(data_dir)
+    assert len(rows) == len(files)
+    card = ModelCard.load(default_model_dir())
+    offline = _offline(card, files)
+    results = data_dir / "results"
+    for smp in samples:
+        r = rows[smp.sop_instance_uid]
+        assert r["state"] == "done", (smp.path.name, r["state"], r["reason"])
+        assert r["model_name"] == card.name and r["model_version"] == card.version
+        probs = r["probabilities"]
+        want = offline[smp.sop_instance_uid]
+        assert np.allclose([probs[c] for c in card.classes], [want[c] for c in card.classes], atol=1e-4)
+        assert r["predicted_class"] == max(want, key=want.get)
+        assert r["priority"] == triage(probs, card).priority
+        srs = [d for d in r["deliveries"] if d["kind"] == "sr"]
+        assert len(srs) == 1 and srs[0]["state"] == "sent"
+        sr = pydicom.dcmread(next(results.rglob(f"{srs[0]['sop_instance_uid']}*")))
+        assert sr.StudyInstanceUID == pydicom.dcmread(smp.path, stop_before_pixels=True).StudyInstanceUID
+        assert smp.path.name in out
+
+
+def test_demo_clears_only_its_own_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    foreign = tmp_path / "var"
+    foreign.mkdir()
+    (foreign / "triage.db").write_bytes(b"not the demo's")
+    assert cli.main(["demo", "--data-dir", str(foreign), "--port", str(free_port())]) == 2
+    assert "not made by the demo" in capsys.readouterr().err
+    assert (foreign / "triage.db").read_bytes() == b"not the demo's"
