@@ -157,12 +157,23 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
                  model_version=engine.card.version, model_sha256=engine.card.bin_sha256)
     try:
         if args.once:
-            report = pipeline.drain(db, spool, engine, settings, pipeline.worker_id(), audit=audit)
-            sent = sender.send_due(db, spool, settings, audit=audit)
+            # results go out from a background thread while the next batches are screened
+            bg = sender.BackgroundSender(db, spool, settings, audit=audit).start()
+            try:
+                report = pipeline.drain(db, spool, engine, settings, pipeline.worker_id(), audit=audit,
+                                        on_results=bg.wake)
+            finally:
+                bg.stop()
+            sent, retrying, failed = bg.total.sent, bg.total.retrying, bg.total.failed
+            while True:  # what the thread had not reached yet
+                last = sender.send_due(db, spool, settings, audit=audit)
+                sent, retrying, failed = sent + last.sent, retrying + last.retrying, failed + last.failed
+                if last.sent + last.retrying + last.failed == 0:
+                    break
             print(
                 f"screened {report.done}, skipped {report.skipped}, failed {report.failed} "
                 f"of {report.claimed} claimed in {report.seconds:.1f} s; "
-                f"results sent {sent.sent}, retrying {sent.retrying}, send_failed {sent.failed}"
+                f"results sent {sent}, retrying {retrying}, send_failed {failed}"
             )
             return 0
         import signal

@@ -81,8 +81,14 @@ def run_batch(
     settings: Settings,
     owner: str,
     audit: audit_log.AuditLog = audit_log.NULL,
+    *,
+    on_results: Callable[[], None] | None = None,
 ) -> BatchReport:
-    """Claim up to ``batch.size`` jobs and take each to done, skipped or failed."""
+    """Claim up to ``batch.size`` jobs and take each to done, skipped or failed.
+
+    Result objects are sent at the end of the batch, unless ``on_results`` is given: then it is
+    called once they are committed, and sending is left to a :class:`worker.sender.BackgroundSender`.
+    """
     t_start = time.perf_counter()
     stage = {"claim": 0.0, "read": 0.0, "filter": 0.0, "preprocess": 0.0, "infer": 0.0, "build": 0.0, "store": 0.0,
              "send": 0.0}
@@ -239,7 +245,10 @@ def run_batch(
     # 8. send what is due (this batch's results, and retries that have come due)
     t = time.perf_counter()
     if deliveries:
-        sender.send_due(db, spool, settings, audit=audit)
+        if on_results is not None:
+            on_results()
+        else:
+            sender.send_due(db, spool, settings, audit=audit)
     stage["send"] += time.perf_counter() - t
 
     report = BatchReport(
@@ -297,11 +306,13 @@ def drain(
     *,
     should_stop: Callable[[], bool] | None = None,
     audit: audit_log.AuditLog = audit_log.NULL,
+    on_results: Callable[[], None] | None = None,
 ) -> BatchReport:
-    """Run batches until the queue is empty (or ``should_stop`` says so)."""
+    """Run batches until the queue is empty (or ``should_stop`` says so); ``on_results`` as in
+    :func:`run_batch`."""
     total = BatchReport()
     while True:
-        report = run_batch(db, spool, engine, settings, owner, audit)
+        report = run_batch(db, spool, engine, settings, owner, audit, on_results=on_results)
         total.add(report)
         if report.claimed == 0 or (should_stop is not None and should_stop()):
             return total

@@ -17,7 +17,8 @@ its schedule in memory, so runs missed while the node was *down* are handled exp
 start, if a scheduled time fell within the last ``misfire_grace_seconds`` and images queued
 before it are still waiting, one catch-up run starts at once.
 
-A second job retries due deliveries every ``send.retry_poll_seconds``.
+Results are sent by a :class:`worker.sender.BackgroundSender` thread, woken after each batch
+and every ``send.retry_poll_seconds`` for retries, so a batch never waits for a PACS.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class BatchScheduler:
         self.total = pipeline.BatchReport()
         self.runs = 0
         self._scheduler = BackgroundScheduler(timezone="UTC")
+        #: sends results (woken after each batch) and due retries (every send.retry_poll_seconds)
+        self.sender = sender.BackgroundSender(db, spool, settings, audit=audit)
 
     def run_once(self, *, force: bool = False) -> pipeline.BatchReport:
         """One run: drain the queue (gather window unless ``force``), bounded by max_batch_seconds."""
@@ -120,7 +123,8 @@ class BatchScheduler:
 
         self.runs += 1
         report = pipeline.drain(
-            self.db, self.spool, self.engine, self.settings, self.owner, should_stop=stop, audit=self.audit
+            self.db, self.spool, self.engine, self.settings, self.owner, should_stop=stop, audit=self.audit,
+            on_results=self.sender.wake if self.sender.running else None,  # not started: send inline
         )
         self.total.add(report)
         if self.on_batch is not None:
@@ -133,26 +137,14 @@ class BatchScheduler:
         except Exception:  # keep the schedule alive; leases bring claimed jobs back
             log.exception("batch run failed; claimed jobs return to the queue when their lease expires")
 
-    def _retry(self) -> None:
-        try:
-            sender.send_due(self.db, self.spool, self.settings, audit=self.audit)
-        except Exception:
-            log.exception("delivery retry pass failed")
-
     def start(self) -> None:
-        """Schedule the batch job and the retry job; run a catch-up batch if one was missed."""
+        """Schedule the batch job, start the sender; run a catch-up batch if one was missed."""
         sc = self.settings.schedule
         grace = sc.misfire_grace_seconds or None
         self._scheduler.add_job(
             self._run, make_trigger(self.settings), id="batch", max_instances=1, coalesce=True, misfire_grace_time=grace
         )
-        self._scheduler.add_job(
-            self._retry,
-            IntervalTrigger(seconds=self.settings.send.retry_poll_seconds, timezone="UTC"),
-            id="send",
-            max_instances=1,
-            coalesce=True,
-        )
+        self.sender.start()
         now = self.clock()
         missed = missed_run(self.settings, now)
         if missed is not None:
@@ -172,4 +164,5 @@ class BatchScheduler:
         """Stop taking new runs and wait for the running one to commit."""
         self.stopping.set()
         self._scheduler.shutdown(wait=True)
+        self.sender.stop()
         log.info("batch scheduler stopped")
