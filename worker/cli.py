@@ -164,12 +164,9 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
                                         on_results=bg.wake)
             finally:
                 bg.stop()
-            sent, retrying, failed = bg.total.sent, bg.total.retrying, bg.total.failed
-            while True:  # what the thread had not reached yet
-                last = sender.send_due(db, spool, settings, audit=audit)
-                sent, retrying, failed = sent + last.sent, retrying + last.retrying, failed + last.failed
-                if last.sent + last.retrying + last.failed == 0:
-                    break
+            last = sender.send_until_idle(db, spool, settings, audit=audit)  # what the thread had not reached
+            sent, retrying, failed = (bg.total.sent + last.sent, bg.total.retrying + last.retrying,
+                                      bg.total.failed + last.failed)
             print(
                 f"screened {report.done}, skipped {report.skipped}, failed {report.failed} "
                 f"of {report.claimed} claimed in {report.seconds:.1f} s; "

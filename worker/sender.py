@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pydicom import dcmread
@@ -186,6 +187,30 @@ def send_due(
     return report
 
 
+def send_until_idle(
+    db: jobs.Database,
+    spool: Spool,
+    settings: Settings,
+    *,
+    audit: audit_log.AuditLog = audit_log.NULL,
+    should_stop: Callable[[], bool] | None = None,
+) -> SendReport:
+    """:func:`send_due` passes until one finds nothing due (or ``should_stop`` says so); the totals.
+
+    Deliveries that fail come back only after their backoff, so the loop ends."""
+    total = SendReport()
+    while should_stop is None or not should_stop():
+        r = send_due(db, spool, settings, audit=audit)
+        total.sent += r.sent
+        total.retrying += r.retrying
+        total.failed += r.failed
+        total.seconds += r.seconds
+        total.errors += r.errors
+        if r.sent + r.retrying + r.failed == 0:
+            break
+    return total
+
+
 class BackgroundSender:
     """Sends due deliveries in its own thread, so the pipeline never waits for a PACS.
 
@@ -200,8 +225,6 @@ class BackgroundSender:
     def __init__(
         self, db: jobs.Database, spool: Spool, settings: Settings, *, audit: audit_log.AuditLog = audit_log.NULL
     ) -> None:
-        import threading
-
         self.db, self.spool, self.settings, self.audit = db, spool, settings, audit
         self.total = SendReport()
         self._wake = threading.Event()
@@ -224,21 +247,17 @@ class BackgroundSender:
         while not self._stop.is_set():
             self._wake.wait(self.settings.send.retry_poll_seconds)
             self._wake.clear()
-            self.send_until_idle()
+            self._send()
 
-    def send_until_idle(self) -> None:
-        """:func:`send_due` passes until one finds nothing due (or a stop is asked)."""
-        while not self._stop.is_set():
-            try:
-                r = send_due(self.db, self.spool, self.settings, audit=self.audit)
-            except Exception:  # keep the thread alive; the rows keep their leases and come back
-                log.exception("delivery pass failed")
-                return
-            self.total.sent += r.sent
-            self.total.retrying += r.retrying
-            self.total.failed += r.failed
-            if r.sent + r.retrying + r.failed == 0:
-                return
+    def _send(self) -> None:
+        try:
+            r = send_until_idle(self.db, self.spool, self.settings, audit=self.audit, should_stop=self._stop.is_set)
+        except Exception:  # keep the thread alive; the rows keep their leases and come back
+            log.exception("delivery pass failed")
+            return
+        self.total.sent += r.sent
+        self.total.retrying += r.retrying
+        self.total.failed += r.failed
 
     def stop(self, timeout: float | None = 60.0) -> None:
         """Finish the pass in progress (no new one) and end the thread."""
