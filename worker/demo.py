@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime as dt
 import os
 import shutil
 import signal
@@ -170,18 +171,14 @@ def _send_pynetdicom(files: list[Path], host: str, port: int, ae_title: str) -> 
 
 
 def _snapshot(db: jobs.Database, uids: list[str]) -> dict[str, dict[str, Any]]:
-    """Per sample: the instance row and its deliveries (empty when not received yet)."""
+    """Per sample: the instance row (``as_dict``, as ``query`` prints it) with its deliveries."""
     with db.sessions() as s:
-        rows = {r.sop_instance_uid: r.as_dict() | {"_id": r.id, "_received": r.received_at}
-                for r in s.scalars(select(jobs.Instance).where(jobs.Instance.sop_instance_uid.in_(uids)))}
-        if rows:
-            ids = {r["_id"]: uid for uid, r in rows.items()}
-            for r in rows.values():
-                r["_deliveries"] = []
-            for d in s.scalars(select(jobs.Delivery).where(jobs.Delivery.instance_id.in_(list(ids)))):
-                rows[ids[d.instance_id]]["_deliveries"].append(
-                    {"state": d.state, "sent_at": d.sent_at, "destination": d.destination, "kind": d.kind,
-                     "last_error": d.last_error})
+        found = list(s.scalars(select(jobs.Instance).where(jobs.Instance.sop_instance_uid.in_(uids))))
+        rows = {r.sop_instance_uid: r.as_dict() for r in found}
+        ids = {r.id: r.sop_instance_uid for r in found}
+    deliveries = jobs.deliveries_of(db, list(ids))
+    for i, uid in ids.items():
+        rows[uid]["_deliveries"] = deliveries.get(i, [])
     return rows
 
 
@@ -196,7 +193,11 @@ def _latency(row: dict[str, Any]) -> str:
     sent = [d["sent_at"] for d in row["_deliveries"] if d["kind"] == "sr" and d["sent_at"] is not None]
     if not sent:
         return "-"
-    return f"{(max(sent) - row['_received']).total_seconds():.2f} s"
+
+    def when(iso: str) -> dt.datetime:
+        return dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+    return f"{(max(map(when, sent)) - when(row['received_at'])).total_seconds():.2f} s"
 
 
 def _table(samples: list[Sample], rows: dict[str, dict[str, Any]], classes: list[str]) -> list[str]:
@@ -231,7 +232,8 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """The ``demo`` subcommand (see the module docstring)."""
-    from worker.modelcard import ModelCard, default_model_dir
+    from worker.modelcard import ModelCard
+    from worker.node import model_dir as resolve_model_dir
 
     import logging
 
@@ -239,9 +241,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.storage.database_url:
         raise SettingsError("storage.database_url: the demo runs on its own embedded SQLite database; unset it")
     data_dir = Path(args.data_dir) if args.data_dir else settings.storage.data_dir / "demo"
-    model_dir = settings.model.path or default_model_dir()
-    if model_dir is None:
-        raise SettingsError("model.path is not set and this install has no default model: pass --model DIR")
+    model_dir = resolve_model_dir(settings)
     card = ModelCard.load(model_dir)
     samples = read_samples(find_samples(Path(args.samples) if args.samples else None))
     _prepare(data_dir)

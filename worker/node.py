@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker import audit as audit_log
@@ -68,11 +69,9 @@ def open_storage(settings: Settings) -> tuple[jobs.Database, Spool]:
     return db, spool
 
 
-def load_engine(settings: Settings) -> "Engine":
-    """The model named by ``model.path``, else the default model shipped in the package.
-
-    A clear error when neither exists (a source checkout without the packaged model).
-    """
+def model_dir(settings: Settings) -> Path:
+    """The folder of the model to screen with: ``model.path``, else the default model shipped in
+    the package; a clear error when neither exists (a source checkout without the packaged model)."""
     from worker.modelcard import default_model_dir
 
     path = settings.model.path or default_model_dir()
@@ -82,9 +81,14 @@ def load_engine(settings: Settings) -> "Engine":
             "(or CXR_TRIAGE_MODEL_PATH) pointing at a folder with an OpenVINO IR (model.xml, model.bin) "
             "and its model card (model.json)"
         )
+    return path
+
+
+def load_engine(settings: Settings) -> "Engine":
+    """The model of :func:`model_dir`, compiled."""
     from worker.engine import Engine
 
-    return Engine(path, precision=settings.model.precision)
+    return Engine(model_dir(settings), precision=settings.model.precision)
 
 
 @dataclass

@@ -31,10 +31,10 @@ def _rows(data_dir: Path) -> dict[str, dict]:
     try:
         with db.sessions() as s:
             instances = list(s.query(jobs.Instance))
-            rows = {r.sop_instance_uid: r.as_dict() | {"deliveries": []} for r in instances}
-            by_id = {r.id: rows[r.sop_instance_uid] for r in instances}
-            for d in s.query(jobs.Delivery):
-                by_id[d.instance_id]["deliveries"].append(d.as_dict())
+            rows = {r.sop_instance_uid: r.as_dict() for r in instances}
+        deliveries = jobs.deliveries_of(db, [r.id for r in instances])
+        for r in instances:
+            rows[r.sop_instance_uid]["deliveries"] = deliveries.get(r.id, [])
     finally:
         db.close()
     return rows
