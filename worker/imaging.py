@@ -419,13 +419,18 @@ def _jpeg_dims(frame: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _siz_dims(frame: bytes, at: int) -> tuple[int, int]:
+    """(rows, cols) from a SIZ segment whose Xsiz field starts at ``at`` (Xsiz, Ysiz, XOsiz, YOsiz)."""
+    xsiz, ysiz, xo, yo = (int.from_bytes(frame[at + 4 * k : at + 4 + 4 * k], "big") for k in range(4))
+    return ysiz - yo, xsiz - xo
+
+
 def _j2k_dims(frame: bytes) -> tuple[int, int] | None:
     """(rows, cols) from the SIZ marker segment (ISO 15444-1 A.5.1), raw codestream or JP2."""
     i = frame.find(b"\xff\x4f\xff\x51", 0, 4096)
     if i < 0 or i + 24 > len(frame):
         return None
-    xsiz, ysiz, xo, yo = (int.from_bytes(frame[i + 8 + 4 * k : i + 12 + 4 * k], "big") for k in range(4))
-    return ysiz - yo, xsiz - xo
+    return _siz_dims(frame, i + 8)
 
 
 @dataclass(frozen=True)
@@ -446,12 +451,11 @@ def _j2k_header(frame: bytes) -> _J2KHeader | None:
     while i + 4 <= n and frame[i] == 0xFF:
         marker, length = frame[i + 1], int.from_bytes(frame[i + 2 : i + 4], "big")
         if marker == 0x51 and i + 41 <= n:  # SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz ... Csiz, then Ssiz
-            xsiz, ysiz, xo, yo = (int.from_bytes(frame[i + 6 + 4 * k : i + 10 + 4 * k], "big") for k in range(4))
             ncomp = int.from_bytes(frame[i + 38 : i + 40], "big")
             ssiz = frame[i + 40]
             if ncomp != 1:
                 return None
-            siz = (ysiz - yo, xsiz - xo, (ssiz & 0x7F) + 1, bool(ssiz & 0x80))
+            siz = (*_siz_dims(frame, i + 6), (ssiz & 0x7F) + 1, bool(ssiz & 0x80))
         elif marker == 0x52 and i + 9 < n and siz is not None:  # COD: Lcod Scod SGcod(4) SPcod(levels, ...)
             return _J2KHeader(*siz, levels=frame[i + 9])
         elif marker == 0x90:  # SOT: the main header ended without a COD
