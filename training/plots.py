@@ -40,17 +40,16 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: st
     plt.close(fig)
 
 
-def plot_roc(y: np.ndarray, prob: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> None:
-    """One-vs-rest ROC curve of every class, one panel."""
+def _roc_figure(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | Path, title: str) -> None:
+    """One ROC panel: a curve per ``(label, positives, scores)``, skipped when AUROC is undefined."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
-    for c, name in enumerate(classes):
-        pos = np.asarray(y) == c
-        auc = binary_auroc(pos, prob[:, c])
+    for label, pos, score in curves:
+        auc = binary_auroc(pos, score)
         if auc is None:
             continue
-        fpr, tpr = roc_curve(pos, prob[:, c])
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})")
+        fpr, tpr = roc_curve(pos, score)
+        ax.plot(fpr, tpr, label=f"{label} (AUROC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
@@ -61,25 +60,15 @@ def plot_roc(y: np.ndarray, prob: np.ndarray, classes: Sequence[str], path: str 
     plt.close(fig)
 
 
+def plot_roc(y: np.ndarray, prob: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> None:
+    """One-vs-rest ROC curve of every class, one panel."""
+    _roc_figure([(name, np.asarray(y) == c, prob[:, c]) for c, name in enumerate(classes)], path, title)
+
+
 def plot_roc_models(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], cls: int, name: str, path: str | Path, title: str = "") -> None:
     """ROC of one class (one-vs-rest) for several models: curves = {model: (y, prob)}."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for model, (y, prob) in curves.items():
-        pos = np.asarray(y) == cls
-        auc = binary_auroc(pos, prob[:, cls])
-        if auc is None:
-            continue
-        fpr, tpr = roc_curve(pos, prob[:, cls])
-        ax.plot(fpr, tpr, label=f"{model} (AUROC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], ls=":", c="grey")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(title or f"ROC: {name} vs rest", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _roc_figure([(model, np.asarray(y) == cls, prob[:, cls]) for model, (y, prob) in curves.items()], path,
+                title or f"ROC: {name} vs rest")
 
 
 def plot_curves(histories: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> None:
