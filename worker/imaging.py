@@ -48,6 +48,7 @@ __all__ = [
     "decode",
     "to_grey8",
     "grey_to_input",
+    "fit_grey",
     "preprocess",
     "load_image_file",
 ]
@@ -968,6 +969,18 @@ def grey_to_input(grey8: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) ->
     only.  An image already of the target size is not resampled.  Then ``(v/255 - mean)/std``
     per channel, via an exact float32 table of the 256 grey levels.
     """
+    img = fit_grey(grey8, spec)
+    table = _norm_table(spec.mean, spec.std, spec.channels)
+    return np.take(table, img, axis=1)
+
+
+def fit_grey(grey8: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+    """The 8-bit grey image cropped per ``spec.crop`` and resized to ``spec.size``: the first half
+    of :func:`grey_to_input` (which is ``normalise(fit_grey(g))``), same resampling.
+
+    The training stage caches this once per image at its largest input size; since an image
+    already of the target size is not resampled, ``grey_to_input(fit_grey(g, spec), spec)`` is
+    bit-identical to ``grey_to_input(g, spec)``."""
     if grey8.ndim != 2 or grey8.dtype != np.uint8:
         raise ValueError(f"grey_to_input needs a 2-D uint8 image, got {grey8.dtype} {grey8.shape}")
     rs, cs = _crop_box(*grey8.shape, spec.crop)
@@ -976,8 +989,7 @@ def grey_to_input(grey8: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) ->
     if img.shape != (h, w):
         pil = Image.fromarray(np.ascontiguousarray(img))
         img = np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP))
-    table = _norm_table(spec.mean, spec.std, spec.channels)
-    return np.take(table, img, axis=1)
+    return img
 
 
 def preprocess(
