@@ -23,8 +23,8 @@ import hashlib
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         cache: bool = True,
         group_column: str | None = "age_group",
         root: str | os.PathLike | None = None,
-        grey_cache: dict[str, np.ndarray] | None = None,
+        grey_cache: MutableMapping[str, np.ndarray] | Mapping[str, np.ndarray] | None = None,
     ):
         if isinstance(rows, (str, os.PathLike)):
             rows = read_manifest(rows)
@@ -205,6 +205,12 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_size(self, size: int) -> None:
+        """Serve samples at ``size`` x ``size`` from now on (progressive resizing); the cached
+        grey images stay at the largest size and are resized per sample."""
+        if self.spec.size != (size, size):
+            self.spec = replace(self.spec, size=(size, size))
 
     def grey(self, i: int) -> np.ndarray:
         return self._grey[i] if self._grey is not None else load_grey8(self.paths[i], self.spec)

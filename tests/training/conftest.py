@@ -43,3 +43,9 @@ def shared_weights() -> Path:
     if not (p / "mobilenet_v2-b0353104.pth").is_file():
         pytest.skip(f"needs the shared weights folder {p} (not present in this checkout)")
     return p
+
+
+@pytest.fixture(autouse=True)
+def _grey_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The on-disk grey cache (training.cache) of these tests lives in a temporary folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
