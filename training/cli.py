@@ -1,6 +1,7 @@
 """``cxr-triage train | evaluate | report`` (dispatched here by ``worker.cli`` with argv[0] the subcommand).
 
     cxr-triage train --config training/configs/paper-3class.toml [--mode cv] [--set train.epochs=5 ...] --out runs/paper-3class
+    cxr-triage train --config training/configs/paper-3class.toml --out runs/paper-3class --resume   # after an interruption
     cxr-triage evaluate runs/paper-3class                       # metrics + plots for every run found below
     cxr-triage evaluate --checkpoint runs/x/best.pt --manifest M [--split test] --out DIR
     cxr-triage report runs/paper-3class [more experiment folders] --out docs/results/paper-3class
@@ -27,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. train.lr=3e-4 (repeatable)")
     t.add_argument("--mode", choices=("single", "cv"), help="= --set experiment.mode=...")
     t.add_argument("--models", help="comma-separated, = --set experiment.models=[...]")
-    t.add_argument("--out", required=True, help="experiment folder (re-running resumes it)")
+    t.add_argument("--out", required=True, help="experiment folder")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the experiment in --out: finished runs are skipped, an interrupted one goes on after its last finished epoch")
 
     e = sub.add_parser("evaluate", help="metrics and plots for runs, or a checkpoint on a manifest split")
     e.add_argument("paths", nargs="*", help="experiment or run folders (every run below is evaluated)")
@@ -66,7 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ConfigError as exc:
                 print(f"cxr-triage train: configuration error: {exc}", file=sys.stderr)
                 return 2
-            run_experiment(cfg, args.out, command="cxr-triage " + " ".join(shlex.quote(a) for a in argv))
+            from .train import ExperimentExists
+
+            try:
+                run_experiment(cfg, args.out, command="cxr-triage " + " ".join(shlex.quote(a) for a in argv), resume=args.resume)
+            except ExperimentExists as exc:
+                print(f"cxr-triage train: {exc}", file=sys.stderr)
+                return 2
             return 0
         if args.command == "evaluate":
             from .evaluate import evaluate_checkpoint, evaluate_paths

@@ -38,7 +38,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "size": 224,  # input height = width (px)
         "group_column": "age_group",  # stratified metrics; "" for none
         "split_column": "split",
-        "cache": True,  # keep 8-bit grey images in memory
+        "cache": True,  # decode each image once into the on-disk grey cache (training.cache), memory-mapped
+        "cache_dir": "",  # "" = $XDG_CACHE_HOME/cxr-triage/training (~/.cache/...)
         "max_per_split": 0,  # tests/smoke runs: keep at most this many rows per split (0 = all)
     },
     "model": {
@@ -56,9 +57,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "weight_decay": 0.0,
         "momentum": 0.9,  # sgd only
-        "schedule": "constant",  # constant | cosine (per epoch, after warm-up)
-        "warmup_epochs": 0,
+        "schedule": "constant",  # constant | cosine (per epoch, after warm-up) | linear | onecycle (per step, for a fixed budget)
+        "warmup_epochs": 0,  # constant/cosine/linear: linear warm-up epochs; onecycle: the rising part (0 = 30 % of the run)
         "min_lr": 0.0,
+        "progressive_sizes": [],  # progressive resizing: input sizes of the early epochs, in order (empty = data.size throughout)
+        "final_epochs": 2,  # with progressive_sizes: the last epochs at data.size (the served resolution)
         "label_smoothing": 0.0,
         "class_weights": "balanced",  # balanced (n / (k * n_c), in the loss) | none
         "patience": 15,  # early stopping on the selection metric; 0 = never stop early
@@ -94,6 +97,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "only_folds": [],  # run a subset of folds (still numbered as in the full split)
     },
 }
+
+
+#: Learning-rate schedules (``train.schedule``).
+SCHEDULES = ("constant", "cosine", "linear", "onecycle")
 
 
 class ConfigError(ValueError):
@@ -171,8 +178,15 @@ def validate(cfg: dict) -> None:
         raise ConfigError("data.classes is needed for a label column other than label3/label4")
     if t["select"] not in ("val_loss", "val_auroc", "val_accuracy", "last"):
         raise ConfigError("train.select must be val_loss, val_auroc, val_accuracy or last")
-    if t["schedule"] not in ("constant", "cosine"):
-        raise ConfigError("train.schedule must be constant or cosine")
+    if t["schedule"] not in SCHEDULES:
+        raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t['schedule']!r}")
+    sizes = t["progressive_sizes"]
+    if any(not isinstance(v, int) or isinstance(v, bool) or not 32 <= v <= int(d["size"]) for v in sizes):
+        raise ConfigError(f"train.progressive_sizes must be integers from 32 to data.size ({d['size']}), got {sizes!r}")
+    if sizes and not 1 <= int(t["final_epochs"]) <= int(t["epochs"]):
+        raise ConfigError(f"train.final_epochs must be from 1 to train.epochs ({t['epochs']}), got {t['final_epochs']!r}")
+    if sizes and int(t["epochs"]) - int(t["final_epochs"]) < len(sizes):
+        raise ConfigError(f"train.epochs - train.final_epochs must leave at least one epoch per entry of train.progressive_sizes ({len(sizes)})")
     if t["optimizer"] not in ("adam", "adamw", "sgd"):
         raise ConfigError("train.optimizer must be adam, adamw or sgd")
     if t["class_weights"] not in ("balanced", "none"):

@@ -58,10 +58,13 @@ def test_cv_protocol_end_to_end(tiny_manifest: Path, tmp_path: Path) -> None:
     for f in ("table3_folds.csv", "table4_summary.csv", "ttest.csv", "groups.csv", "roc_covid19.png", "confusion_hybrid.png",
               "curves_mobilenet.png", "config.toml", "command.txt", "summary.json"):
         assert (rep / f).exists(), f
-    # re-running a finished experiment trains nothing and changes nothing
+    # resuming a finished experiment trains nothing and changes nothing; without --resume it is refused
     before = (out / "hybrid" / "fold-0" / "best.pt").stat().st_mtime_ns
-    assert _train(tiny_manifest, out, "--mode", "cv", "--models", "hybrid,resnet50,mobilenet", "--set", "cv.folds=2",
-                  "--set", "cv.val_fraction=0.3", "--set", "train.epochs=1", "--set", "train.max_train_batches=2") == 0
+    again = ["--mode", "cv", "--models", "hybrid,resnet50,mobilenet", "--set", "cv.folds=2", "--set", "cv.val_fraction=0.3",
+             "--set", "train.epochs=1", "--set", "train.max_train_batches=2"]
+    assert _train(tiny_manifest, out, *again) == 2
+    assert _train(tiny_manifest, out, *again, "--resume") == 0
+    assert _train(tiny_manifest, out, *again, "--set", "train.lr=0.1", "--resume") == 2  # another recipe: refused
     assert (out / "hybrid" / "fold-0" / "best.pt").stat().st_mtime_ns == before
 
 
@@ -71,7 +74,7 @@ def test_single_run_checkpoint_resume_and_evaluate(tiny_manifest: Path, tmp_path
     assert _train(tiny_manifest, out, *args, "--set", "train.epochs=1") == 0
     # simulate an interrupted longer run: resume from last.pt and train only the missing epoch
     (out / "done.json").unlink()
-    assert _train(tiny_manifest, out, *args, "--set", "train.epochs=2") == 0
+    assert _train(tiny_manifest, out, *args, "--set", "train.epochs=2", "--resume") == 0
     hist = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [0, 1]
 
