@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from worker import jobs
 from worker.modelcard import ModelCardError
+from worker.priority import PRIORITIES
 from worker.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--state", action="append", choices=[s.value for s in jobs.State], help="repeatable")
     p.add_argument("--class", dest="predicted_class", metavar="NAME", help="predicted class")
-    p.add_argument("--priority", choices=["urgent", "routine"])
+    p.add_argument("--priority", choices=["urgent", "high", "routine"])
     p.add_argument("--min-probability", type=float, metavar="P", help="probability of the predicted class >= P")
     p.add_argument("--since", metavar="WHEN", help="received at or after (ISO 8601 date or time, UTC)")
     p.add_argument("--until", metavar="WHEN", help="received before (ISO 8601 date or time, UTC)")
@@ -291,6 +292,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         counts = jobs.counts(db)
         oldest = jobs.oldest_waiting(db)
         sends = jobs.delivery_counts(db)
+        by_priority = jobs.priority_counts(db)
         with db.sessions() as s:
             refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind != "duplicate")) or 0
     finally:
@@ -299,6 +301,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         "counts": {st.value: counts.get(st.value, 0) for st in jobs.State},
         "total": sum(counts.values()),
         "intake_refusals": refused,
+        "priorities": {p: by_priority.get(p, 0) for p in PRIORITIES},
         "deliveries": {st.value: sends.get(st.value, 0) for st in jobs.SendState},
         "oldest_waiting": None,
     }
@@ -311,6 +314,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     for state, n in out["counts"].items():
         print(f"{state:<10}{n:>8}")
     print(f"{'total':<10}{out['total']:>8}")
+    print("screened by priority: " + ", ".join(f"{k} {v}" for k, v in out["priorities"].items()))
     print(f"intake refusals and conflicts: {refused}")
     print("deliveries: " + ", ".join(f"{k} {v}" for k, v in out["deliveries"].items()))
     if out["oldest_waiting"]:

@@ -647,6 +647,15 @@ def counts(db: Database) -> dict[str, int]:
     return {state: n for state, n in rows}
 
 
+def priority_counts(db: Database) -> dict[str, int]:
+    """Number of screened (``done``) images per triage priority."""
+    with db.sessions() as s:
+        rows = s.execute(
+            select(Instance.priority, func.count()).where(Instance.state == State.DONE.value).group_by(Instance.priority)
+        ).all()
+    return {p: n for p, n in rows if p is not None}
+
+
 def queued_summary(db: Database, now: dt.datetime | None = None) -> tuple[int, dt.datetime | None]:
     """How many jobs are waiting, and when the oldest of them was received.
 

@@ -87,8 +87,11 @@ def model_dir(settings: Settings) -> Path:
 def load_engine(settings: Settings) -> "Engine":
     """The model of :func:`model_dir`, compiled."""
     from worker.engine import Engine
+    from worker.priority import PriorityMap
 
-    return Engine(model_dir(settings), precision=settings.model.precision)
+    engine = Engine(model_dir(settings), precision=settings.model.precision)
+    PriorityMap.build(engine.card, settings.triage.priorities, settings.triage.thresholds)  # fail at start-up
+    return engine
 
 
 @dataclass

@@ -35,7 +35,7 @@ from worker import audit as audit_log
 from worker import filters, imaging, jobs, results, sender
 from worker.engine import Engine
 from worker.jobs import Outcome, State
-from worker.modelcard import triage
+from worker.priority import PriorityMap
 from worker.settings import Settings
 from worker.spool import Spool, SpoolError
 
@@ -93,6 +93,7 @@ def run_batch(
     stage = {"claim": 0.0, "read": 0.0, "filter": 0.0, "preprocess": 0.0, "infer": 0.0, "build": 0.0, "store": 0.0,
              "send": 0.0}
     card = engine.card
+    pmap = PriorityMap.build(card, settings.triage.priorities, settings.triage.thresholds)
     spec = imaging.PreprocessSpec.from_card(engine.card.raw)
     spec = imaging.PreprocessSpec(**{**spec.__dict__, "max_bytes": settings.model.max_image_mb * 2**20})
 
@@ -182,12 +183,12 @@ def run_batch(
     t = time.perf_counter()
     for (job, ds, _, timing), probs in zip(ready, probs_rows):
         timing["infer_ms"] = per_image_ms
-        decision = triage(probs, card)
+        decision = pmap.decide(probs)
         predicted = max(probs, key=probs.__getitem__)
         rounded = {k: round(float(v), 6) for k, v in probs.items()}
         result = results.TriageResult(
             predicted_class=predicted, probabilities=rounded, priority=decision.priority,
-            triage_reason=decision.reason, thresholds=dict(card.thresholds), model_name=card.name,
+            triage_reason=decision.reason, thresholds=pmap.thresholds, model_name=card.name,
             model_version=card.version, model_sha256=card.bin_sha256, model_precision=engine.precision,
         )
         tb = time.perf_counter()

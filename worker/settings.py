@@ -128,6 +128,14 @@ class SendSettings:
 
 
 @dataclass(frozen=True)
+class TriageSettings:
+    """How probabilities become a priority (worker/priority.py); thresholds default to the card's."""
+
+    priorities: dict[str, str] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class HealthSettings:
     """The HTTP health and metrics endpoint (off by default, loopback by default)."""
 
@@ -180,6 +188,7 @@ class Settings:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     send: SendSettings = field(default_factory=SendSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
+    triage: TriageSettings = field(default_factory=TriageSettings)
     destinations: list[Destination] | None = None
     log_level: str = "INFO"
 
@@ -199,6 +208,7 @@ _SECTIONS: dict[str, type] = {
     "schedule": ScheduleSettings,
     "send": SendSettings,
     "health": HealthSettings,
+    "triage": TriageSettings,
 }
 _TOP_LEVEL = {"log_level"}
 
@@ -211,6 +221,17 @@ def _coerce(value: Any, tp: Any, name: str, from_text: bool) -> Any:
         if value is None or (from_text and value == ""):
             return None
         return _coerce(value, args[0], name, from_text)
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if from_text and isinstance(value, str):  # "covid19=urgent,pneumonia=high"
+            pairs = [v.split("=", 1) for v in value.split(",") if v.strip()]
+            if any(len(kv) != 2 for kv in pairs):
+                raise SettingsError(f"{name} must be KEY=VALUE pairs separated by commas, got {value!r}")
+            value = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, Mapping):
+            raise SettingsError(f"{name} must be a table, got {value!r}")
+        return {_coerce(k, key_tp, name, from_text): _coerce(v, item_tp, f"{name}.{k}", from_text)
+                for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if from_text and isinstance(value, str):
@@ -316,6 +337,14 @@ def _validate(s: Settings) -> None:
         raise SettingsError("send.backoff_seconds must be > 0 and <= send.backoff_max_seconds")
     if not 0 <= se.jitter < 1:
         raise SettingsError("send.jitter must be in [0, 1)")
+    from worker.priority import PRIORITIES
+
+    for cls_name, prio in s.triage.priorities.items():
+        if prio not in PRIORITIES:
+            raise SettingsError(f"triage.priorities.{cls_name} must be one of {', '.join(PRIORITIES)}, got {prio!r}")
+    for cls_name, thr in s.triage.thresholds.items():
+        if not 0.0 <= thr <= 1.0:
+            raise SettingsError(f"triage.thresholds.{cls_name} must be a probability in [0, 1], got {thr}")
     if not 0 <= s.health.port <= 65535:
         raise SettingsError(f"health.port must be 0-65535, got {s.health.port}")
     names = [d.name for d in s.destinations or []]
