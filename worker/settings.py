@@ -146,10 +146,11 @@ class HealthSettings:
 
 @dataclass(frozen=True)
 class Destination:
-    """Where result objects go: a DICOM peer (C-STORE) or a local folder."""
+    """Where results go: a DICOM peer (C-STORE), a local folder, a RIS (HL7 v2 over MLLP) or a
+    FHIR R4 server."""
 
     name: str
-    type: str  # "dicom" | "folder"
+    type: str  # "dicom" | "folder" | "hl7" | "fhir"
     ae_title: str = ""
     host: str = ""
     port: int = 104
@@ -159,10 +160,24 @@ class Destination:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # hl7: MSH-3/4 (us) and MSH-5/6 (the RIS)
+    sending_application: str = "CXRTRIAGE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    # fhir: the server's base URL and an optional bearer token
+    url: str = ""
+    token: str = ""
+
+    @property
+    def message_based(self) -> bool:
+        """HL7 and FHIR destinations get one message per screened image, not the DICOM objects."""
+        return self.type in ("hl7", "fhir")
 
     @classmethod
     def parse(cls, spec: str) -> "Destination":
-        """``AET@host:port`` (a DICOM peer) or ``folder:PATH``; an optional ``name=`` prefix."""
+        """``AET@host:port`` (a DICOM peer), ``folder:PATH``, ``hl7:HOST:PORT`` or
+        ``fhir:https://host/base``; an optional ``name=`` prefix."""
         name = ""
         if "=" in spec.split("@")[0].split(":")[0]:
             name, spec = spec.split("=", 1)
@@ -171,9 +186,18 @@ class Destination:
             if not path:
                 raise SettingsError(f"destination {spec!r}: folder:PATH needs a path")
             return cls(name=name or "folder", type="folder", path=Path(path).expanduser())
+        if spec.startswith("hl7:"):
+            m = re.match(r"^hl7:([^:]+):([0-9]{1,5})$", spec)
+            if not m:
+                raise SettingsError(f"destination {spec!r}: hl7:HOST:PORT needs a host and a port")
+            return cls(name=name or "hl7", type="hl7", host=m.group(1), port=int(m.group(2)))
+        if spec.startswith("fhir:"):
+            return cls(name=name or "fhir", type="fhir", url=spec[len("fhir:"):])
         m = re.match(r"^([^@]{1,16})@([^:]+):([0-9]{1,5})$", spec)
         if not m:
-            raise SettingsError(f"destination {spec!r} is neither AET@host:port nor folder:PATH")
+            raise SettingsError(
+                f"destination {spec!r} is none of AET@host:port, folder:PATH, hl7:HOST:PORT, fhir:URL"
+            )
         return cls(name=name or m.group(1), type="dicom", ae_title=m.group(1), host=m.group(2), port=int(m.group(3)))
 
 
@@ -359,8 +383,20 @@ def _validate(s: Settings) -> None:
         elif d.type == "folder":
             if d.path is None:
                 raise SettingsError(f"destinations.{d.name}: a folder destination needs path")
+        elif d.type == "hl7":
+            if not d.host or not 0 < d.port <= 65535:
+                raise SettingsError(f"destinations.{d.name}: an hl7 destination needs host and port 1-65535")
+            if (d.tls_cert is None) != (d.tls_key is None):
+                raise SettingsError(f"destinations.{d.name}: tls_cert and tls_key must be set together")
+            for key in ("sending_application", "sending_facility", "receiving_application", "receiving_facility"):
+                if re.search(r"[|^~\\&\r\n]", getattr(d, key)):
+                    raise SettingsError(f"destinations.{d.name}.{key} must not contain HL7 delimiters |^~\\&")
+        elif d.type == "fhir":
+            if not re.match(r"^https?://[^/\s]+", d.url):
+                raise SettingsError(f"destinations.{d.name}: a fhir destination needs url http(s)://host/base, "
+                                    f"got {d.url!r}")
         else:
-            raise SettingsError(f"destinations.{d.name}: type must be dicom or folder, got {d.type!r}")
+            raise SettingsError(f"destinations.{d.name}: type must be dicom, folder, hl7 or fhir, got {d.type!r}")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise SettingsError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level!r}")
 
