@@ -395,6 +395,11 @@ def _validate(s: Settings) -> None:
             if not re.match(r"^https?://[^/\s]+", d.url):
                 raise SettingsError(f"destinations.{d.name}: a fhir destination needs url http(s)://host/base, "
                                     f"got {d.url!r}")
+            import importlib.util
+
+            if importlib.util.find_spec("fhir.resources") is None:
+                raise SettingsError(f"destinations.{d.name}: a fhir destination needs the fhir extra "
+                                    "(pip install 'cxr-triage[fhir]')")
         else:
             raise SettingsError(f"destinations.{d.name}: type must be dicom, folder, hl7 or fhir, got {d.type!r}")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
