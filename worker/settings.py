@@ -145,6 +145,32 @@ class HealthSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The read-only worklist page (worker/web): off unless a port is set; loopback by default.
+
+    Beyond loopback a login is required (``password_hash`` from ``cxr-triage hash-password``, or
+    ``token``); there is no default password. Either one also turns the login on for loopback.
+    """
+
+    port: int | None = None
+    bind_address: str = "127.0.0.1"
+    show_patient_names: bool = False
+    password_hash: str = ""
+    token: str = ""
+    refresh_seconds: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None
+
+    @property
+    def login_required(self) -> bool:
+        return bool(self.password_hash or self.token)
+
+
+@dataclass(frozen=True)
 class Destination:
     """Where results go: a DICOM peer (C-STORE), a local folder, a RIS (HL7 v2 over MLLP) or a
     FHIR R4 server."""
@@ -213,6 +239,7 @@ class Settings:
     send: SendSettings = field(default_factory=SendSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     triage: TriageSettings = field(default_factory=TriageSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     destinations: list[Destination] | None = None
     log_level: str = "INFO"
 
@@ -233,6 +260,7 @@ _SECTIONS: dict[str, type] = {
     "send": SendSettings,
     "health": HealthSettings,
     "triage": TriageSettings,
+    "web": WebSettings,
 }
 _TOP_LEVEL = {"log_level"}
 
@@ -371,6 +399,7 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"triage.thresholds.{cls_name} must be a probability in [0, 1], got {thr}")
     if not 0 <= s.health.port <= 65535:
         raise SettingsError(f"health.port must be 0-65535, got {s.health.port}")
+    _validate_web(s.web)
     names = [d.name for d in s.destinations or []]
     if len(names) != len(set(names)):
         raise SettingsError(f"destinations: names must be unique, got {names}")
@@ -404,6 +433,40 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"destinations.{d.name}: type must be dicom, folder, hl7 or fhir, got {d.type!r}")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise SettingsError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level!r}")
+
+
+def _validate_web(w: WebSettings) -> None:
+    """The page: a port, a login wherever it is reachable from the network, TLS files that exist."""
+    if not w.enabled:
+        return
+    if not 0 <= w.port <= 65535:  # type: ignore[operator]
+        raise SettingsError(f"web.port must be 0-65535, got {w.port}")
+    try:
+        loopback = ipaddress.ip_address(w.bind_address).is_loopback
+    except ValueError:
+        loopback = w.bind_address == "localhost"
+    if not loopback and not w.login_required:
+        raise SettingsError(
+            f"web.bind_address {w.bind_address} is beyond loopback: set web.password_hash "
+            "(cxr-triage hash-password) or web.token; there is no default password"
+        )
+    if w.password_hash and not w.password_hash.startswith("pbkdf2_sha256$"):
+        raise SettingsError("web.password_hash must come from `cxr-triage hash-password` (pbkdf2_sha256$...)")
+    if w.token and len(w.token) < 16:
+        raise SettingsError("web.token must be at least 16 characters")
+    if w.refresh_seconds <= 0:
+        raise SettingsError("web.refresh_seconds must be > 0")
+    if (w.tls_cert is None) != (w.tls_key is None):
+        raise SettingsError("web.tls_cert and web.tls_key must be set together")
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(w, key)
+        if path is not None and not path.is_file():
+            raise SettingsError(f"web.{key}: {path} is not a readable file")
+    import importlib.util
+
+    missing = [m for m in ("starlette", "jinja2", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SettingsError(f"web.port is set but {', '.join(missing)} missing: pip install 'cxr-triage[web]'")
 
 
 def _apply(base: Settings, values: Mapping[str, Any], source: str, from_text: bool) -> Settings:
