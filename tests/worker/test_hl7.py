@@ -14,7 +14,9 @@ import pytest
 from hl7.mllp import start_hl7_server
 from support import free_port, make_image, send, wait_for
 
-from worker import cli, hl7, jobs, pipeline, sender
+from test_security import pki  # noqa: F401  (the test CA and certificates, a fixture)
+
+from worker import cli, hl7, jobs, pipeline, sender, tls
 from worker.engine import Engine
 from worker.node import Node
 from worker.settings import Destination, Settings, SettingsError, load_settings
@@ -24,8 +26,8 @@ class Receiver:
     """An MLLP receiver (a RIS stand-in): answers each message with the next scripted ACK code
     (``"AA"``, ``"AE"``, ``"AR"``; ``None`` = read it and never answer)."""
 
-    def __init__(self, acks: list[str | None] | None = None, port: int | None = None) -> None:
-        self.acks = list(acks or [])
+    def __init__(self, acks: list[str | None] | None = None, port: int | None = None, ssl: object = None) -> None:
+        self.acks, self.ssl = list(acks or []), ssl
         self.port = port or free_port()
         self.messages: list[hl7lib.Message] = []
         self.raw: list[str] = []
@@ -55,7 +57,7 @@ class Receiver:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.server = self.loop.run_until_complete(
-            start_hl7_server(self._client, "127.0.0.1", self.port, encoding="utf-8"))
+            start_hl7_server(self._client, "127.0.0.1", self.port, encoding="utf-8", ssl=self.ssl))
         self._ready.set()
         self.loop.run_forever()
 
@@ -225,3 +227,20 @@ def test_batch_once_with_an_hl7_spec_on_the_command_line(
     assert rc == 0 and "results sent 1" in capsys.readouterr().out
     assert wait_for(lambda: len(receiver.messages) == 1)
     assert str(receiver.messages[0].segment("MSH")(3)) == "CXRTRIAGE"
+
+
+def test_mllp_over_tls_verifies_the_receiver(model_settings: Settings, pki: dict[str, Path]) -> None:  # noqa: F811
+    r = Receiver(ssl=tls.server_context(pki["server_crt"], pki["server_key"]))
+    try:
+        good = dataclasses.replace(_ris(r.port), tls=True, tls_ca=pki["ca_crt"])
+        wrong = dataclasses.replace(good, name="ris2", tls_ca=pki["other-ca_crt"])
+        s = dataclasses.replace(model_settings, destinations=[good, wrong])
+        node = _screen(s, make_image(rows=64, cols=64))
+        try:
+            by_dest = {d.destination: d for d in _deliveries(node)}
+            assert by_dest["ris"].state == "sent" and len(r.messages) == 1
+            assert by_dest["ris2"].state == "pending_send" and "CERTIFICATE_VERIFY_FAILED" in by_dest["ris2"].last_error
+        finally:
+            node.stop()
+    finally:
+        r.stop()

@@ -22,6 +22,8 @@ pytest.importorskip("starlette", reason="the web extra (starlette, jinja2, uvico
 from pydicom import dcmread  # noqa: E402
 from support import free_port, make_image, send  # noqa: E402
 
+from test_security import pki  # noqa: E402,F401  (the test CA and certificates, a fixture)
+
 from worker import cli, jobs, pipeline  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 from worker.modelcard import ModelCard, default_model_dir  # noqa: E402
@@ -167,6 +169,23 @@ def test_login_required_with_credentials(screened) -> None:  # type: ignore[no-u
         web.stop()
 
 
+def test_https_with_the_listeners_certificate_style(screened, pki) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    import ssl
+
+    node, _, _ = screened
+    s = dataclasses.replace(node.settings, web=dataclasses.replace(
+        node.settings.web, port=0, tls_cert=pki["server_crt"], tls_key=pki["server_key"]))
+    web = WebServer(s, node.db, node.spool, None).start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(pki["ca_crt"]))
+        with urllib.request.urlopen(f"https://127.0.0.1:{web.port}/api/studies", context=ctx, timeout=10) as rsp:
+            assert rsp.status == 200 and len(json.loads(rsp.read())) == 13
+        with pytest.raises(OSError):  # plain HTTP gets no answer
+            urllib.request.urlopen(f"http://127.0.0.1:{web.port}/api/studies", timeout=5).read()
+    finally:
+        web.stop()
+
+
 # --------------------------------------------------------------------------- browser
 
 
@@ -271,3 +290,38 @@ def test_browser_login_required(screened, browser) -> None:  # type: ignore[no-u
         assert browser.current_url == base + "/queue"
     finally:
         web.stop()
+
+
+def test_serve_web_port_flag_and_environment(tmp_path: Path) -> None:
+    """``cxr-triage serve --web-port N`` (and ``CXR_TRIAGE_WEB_PORT``) in its own process."""
+    import os
+    import signal
+
+    from support import wait_for
+
+    for how in ("flag", "env"):
+        web_port = free_port()
+        env = {**os.environ, "CXR_TRIAGE_LISTENER_BIND_ADDRESS": "127.0.0.1", "CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0"}
+        argv = [sys.executable, "-m", "worker.cli", "serve", "--no-batch", "--data-dir", str(tmp_path / how),
+                "--port", str(free_port())]
+        if how == "flag":
+            argv += ["--web-port", str(web_port)]
+        else:
+            env["CXR_TRIAGE_WEB_PORT"] = str(web_port)
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def up() -> bool:
+                try:
+                    return _get(f"http://127.0.0.1:{web_port}/api/studies")[0] == 200
+                except OSError:
+                    return proc.poll() is not None
+            assert wait_for(up, timeout=60) and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            assert json.loads(_get(f"http://127.0.0.1:{web_port}/api/studies")[1]) == []
+            assert _get(f"http://127.0.0.1:{web_port}/")[0] == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            assert f"worklist page on http://127.0.0.1:{web_port}/" in proc.stdout.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
