@@ -169,6 +169,17 @@ def _outcome_text(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace")
 
 
+def _redact(text: str, payload: bytes) -> str:
+    """The server's text without the patient ID we sent (servers echo identifiers; the text goes
+    to the log and the delivery row, which carry no patient identifiers)."""
+    try:
+        report = json.loads(payload)["entry"][0]["resource"]
+        pid = str(report["subject"]["identifier"]["value"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return text
+    return text.replace(pid, "<patient>") if len(pid) > 1 else text
+
+
 def post(dest: Destination, payload: bytes, timeout: float) -> str | None:
     """POST one transaction Bundle to the base URL: ``None`` when every entry was accepted (2xx),
     else an error text for the delivery row."""
@@ -182,7 +193,8 @@ def post(dest: Destination, payload: bytes, timeout: float) -> str | None:
         with urllib.request.urlopen(req, timeout=timeout, context=ctx) as rsp:
             body = rsp.read()
     except urllib.error.HTTPError as exc:
-        return f"{where}: HTTP {exc.code}" + (f" ({t})" if (t := _outcome_text(exc.read())) else "")
+        text = _redact(_outcome_text(exc.read()), payload)
+        return f"{where}: HTTP {exc.code}" + (f" ({text})" if text else "")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return f"{where}: {getattr(exc, 'reason', None) or exc}"
     try:

@@ -172,6 +172,19 @@ def _read_ack(message: hl7.Message) -> Ack:
     return Ack(str(msa(1)), str(msa(2)) if len(msa) > 2 else "", text)
 
 
+def _redact(text: str, sent: hl7.Message) -> str:
+    """The receiver's error text without our patient's ID or name parts (it may echo them, and the
+    text goes to the log and the delivery row, which carry no patient identifiers)."""
+    try:
+        fields = str(sent.segment("PID")).split("|") + [""] * 6
+    except KeyError:
+        return text
+    values = [fields[3].split("^")[0]] + fields[5].split("^")[:3]
+    for v in sorted({sent.unescape(v) for v in values if len(v) > 1}, key=len, reverse=True):
+        text = text.replace(v, "<patient>")
+    return text
+
+
 async def _exchange(
     dest: Destination, messages: Sequence[str | Exception], timeout: float
 ) -> list[str | None]:
@@ -207,7 +220,9 @@ async def _exchange(
                 out.append(f"{where}: no ACK ({type(exc).__name__}: {exc})")
                 break
             ack = parse_ack(reply)
-            expected = str(hl7.parse(msg).segment("MSH")(10))
+            sent = hl7.parse(msg)
+            expected = str(sent.segment("MSH")(10))
+            ack = Ack(ack.code, ack.control_id, _redact(ack.text, sent))
             if ack.code in DELIVERED_ACKS and ack.control_id == expected:
                 out.append(None)
             elif ack.code in DELIVERED_ACKS:

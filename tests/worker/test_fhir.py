@@ -40,8 +40,9 @@ class FhirServer:
                     reply = {"resourceType": "Bundle", "type": "transaction-response",
                              "entry": [{"response": {"status": "201 Created"}} for _ in range(n)]}
                 else:
-                    reply = {"resourceType": "OperationOutcome",
-                             "issue": [{"severity": "error", "code": "transient", "diagnostics": "server busy"}]}
+                    pid = json.loads(body)["entry"][0]["resource"]["subject"]["identifier"]["value"]
+                    reply = {"resourceType": "OperationOutcome",  # servers echo identifiers
+                             "issue": [{"severity": "error", "code": "transient", "diagnostics": f"busy ({pid})"}]}
                 data = json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/fhir+json")
@@ -133,7 +134,7 @@ def test_server_error_is_retried_with_the_same_bundle(model_settings: Settings) 
         node = _screen(s, make_image(rows=64, cols=64))
         try:
             (d,) = _deliveries(node)
-            assert d.state == "pending_send" and d.last_error.endswith("HTTP 503 (server busy)"), d.last_error
+            assert d.state == "pending_send" and d.last_error.endswith("HTTP 503 (busy (<patient>))"), d.last_error
             time.sleep(0.15)
             assert sender.send_due(node.db, node.spool, s).sent == 1
             assert _deliveries(node)[0].state == "sent"

@@ -48,7 +48,8 @@ class Receiver:
                     continue
                 ack = msg.create_ack(code, message_id=f"ACK{len(self.messages)}")
                 if code != "AA":
-                    ack = hl7lib.parse(str(ack).rstrip("\r") + "\rERR||||E||||receiver says no: test")
+                    pid = str(msg.segment("PID")).split("|")[3].split("^")[0]  # a RIS may echo the patient ID
+                    ack = hl7lib.parse(str(ack).rstrip("\r") + f"\rERR||||E||||receiver says no: test {pid}")
                 writer.writemessage(ack)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -161,7 +162,7 @@ def test_ae_and_ar_are_retried_then_send_failed_then_resent(model_settings: Sett
         try:
             (d,) = _deliveries(node)
             assert d.state == "pending_send" and d.attempts == 1
-            assert d.last_error.endswith("ACK AE (receiver says no: test)"), d.last_error
+            assert d.last_error.endswith("ACK AE (receiver says no: test <patient>)"), d.last_error
             time.sleep(0.15)
             rep = sender.send_due(node.db, node.spool, s)
             assert (rep.sent, rep.failed) == (0, 1)
