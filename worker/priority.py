@@ -32,6 +32,8 @@ class PriorityMap:
     """Class -> (priority, threshold) rules, checked against a model card."""
 
     rules: Mapping[str, tuple[str, float]]
+    #: True when the rules are the card's own (``triage.priorities`` empty).
+    card_rule: bool = True
 
     @classmethod
     def build(
@@ -55,6 +57,7 @@ class PriorityMap:
             if p not in PRIORITIES:
                 raise ModelCardError(f"triage.priorities.{c} must be one of {PRIORITIES}, got {p!r}")
         merged = {**dict(card.thresholds), **overrides}
+        card_rule = not priorities
         if not priorities:
             priorities = {c: "urgent" for c in merged}
         rules: dict[str, tuple[str, float]] = {}
@@ -67,7 +70,7 @@ class PriorityMap:
                     f"triage.priorities.{c}: class {c!r} has no threshold in the model card; set triage.thresholds.{c}"
                 )
             rules[c] = (p, float(merged[c]))
-        return cls(MappingProxyType(rules))
+        return cls(MappingProxyType(rules), card_rule)
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -81,7 +84,7 @@ class PriorityMap:
         ``ValueError``: calling such an image routine would hide a wiring bug.
         """
         if not self.rules:
-            return Triage(ROUTINE, "no thresholds in model card")
+            return Triage(ROUTINE, "no thresholds in model card" if self.card_rule else "no triage.priorities rule")
         fired: list[tuple[int, str]] = []
         for c, (prio, thr) in self.rules.items():
             if c not in probabilities:

@@ -49,6 +49,8 @@ def test_mapping_errors_name_the_setting(toy_model: Path) -> None:
     with pytest.raises(ModelCardError, match=r"triage\.priorities\.normal: class 'normal' has no threshold"):
         PriorityMap.build(card, {"normal": "high"})
     assert PriorityMap.build(card, {"normal": "high"}, {"normal": 0.9}).decide(_p(0.95, 0.0, 0.05)).priority == "high"
+    assert PriorityMap.build(card, {"normal": "routine"}).decide(_p(0.0, 0.0, 1.0)) == Triage(
+        "routine", "no triage.priorities rule")
 
 
 def test_settings_from_toml_env_and_errors(tmp_path: Path) -> None:
