@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,27 @@ def test_login_required_with_credentials(screened) -> None:  # type: ignore[no-u
         assert _get(base + "/api/studies")[0] == 401
         assert _get(base + "/api/studies", Authorization=f"Bearer {token}")[0] == 200
         assert _get(base + "/api/studies", Authorization="Bearer wrong")[0] == 401
+
+        def login(password: str, nxt: str) -> tuple[int, dict[str, str]]:
+            req = urllib.request.Request(base + "/login", method="POST",
+                                         data=urllib.parse.urlencode({"password": password, "next": nxt}).encode())
+            opener = urllib.request.build_opener(type("NoRedirect", (urllib.request.HTTPRedirectHandler,),
+                                                      {"redirect_request": lambda *a: None}))
+            try:
+                with opener.open(req, timeout=10) as rsp:
+                    return rsp.status, dict(rsp.headers)
+            except urllib.error.HTTPError as exc:
+                return exc.code, dict(exc.headers)
+
+        assert login("wrong", "/queue")[0] == 401
+        status, headers = login(token, "/queue")
+        assert status == 303 and headers["location"] == "/queue"
+        cookie = headers["set-cookie"]
+        assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+        assert _get(base + "/queue", Cookie=cookie.split(";")[0])[0] == 200
+        assert _get(base + "/queue", Cookie="cxr_triage_session=99999999999.forged")[0] == 303
+        for evil in ("//evil.example/", "https://evil.example/", "/\\evil.example/"):
+            assert login(token, evil)[1]["location"] == "/"  # never sent elsewhere
     finally:
         web.stop()
 

@@ -234,7 +234,7 @@ class Pages:
     async def login(self, request: Request) -> Response:
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         nxt = (form.get("next") or ["/"])[0]
-        if not nxt.startswith("/") or nxt.startswith("//"):
+        if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:  # only our own paths
             nxt = "/"
         if self.gate.enabled and self.gate.accepts((form.get("password") or [""])[0]):
             rsp = RedirectResponse(nxt, status_code=303)
