@@ -517,6 +517,8 @@ def _destinations(value: Any, source: str) -> list[Destination]:
             if "name" not in item or "type" not in item:
                 raise SettingsError(f"destinations[{i}] needs name and type ({source})")
             kw = {k: _coerce(v, hints[k], f"destinations[{i}].{k} ({source})", False) for k, v in item.items()}
+            if kw.get("type") == "hl7" and "port" not in kw:
+                kw["port"] = 2575  # the IANA port for HL7 over MLLP (104 is DICOM's)
             out.append(Destination(**kw))
         else:
             raise SettingsError(f"destinations[{i}] must be a table or a spec string ({source})")

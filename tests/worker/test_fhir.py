@@ -83,7 +83,13 @@ def _deliveries(node: Node) -> list[jobs.Delivery]:
         return list(ses.query(jobs.Delivery).order_by(jobs.Delivery.id))
 
 
-def test_spec_and_validation() -> None:
+def test_spec_and_validation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "n.toml"
+    cfg.write_text('[[destinations]]\nname = "emr"\ntype = "fhir"\nurl = "https://fhir.example/r4"\ntoken = "abc"\n'
+                   '[[destinations]]\nname = "ris"\ntype = "hl7"\nhost = "ris.example"\n')
+    emr, ris = load_settings(cfg, environ={}).destinations
+    assert (emr.type, emr.url, emr.token) == ("fhir", "https://fhir.example/r4", "abc")
+    assert (ris.type, ris.port) == ("hl7", 2575)
     d = Destination.parse("fhir:https://fhir.example/base")
     assert (d.name, d.type, d.url) == ("fhir", "fhir", "https://fhir.example/base")
     with pytest.raises(SettingsError, match="needs url"):
