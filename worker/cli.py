@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from worker import jobs
 from worker.modelcard import ModelCardError
+from worker.priority import PRIORITIES
 from worker.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ae-title", metavar="AET", help="our AE title [listener.ae_title]")
     p.add_argument("--bind", metavar="ADDR", help="address to listen on [listener.bind_address]")
     p.add_argument("--no-batch", action="store_true", help="listener only; run `cxr-triage batch` separately")
+    p.add_argument("--web-port", type=int, metavar="N", help="serve the worklist page on port N [web.port]")
+
+    p = sub.add_parser("hash-password", help="print a web.password_hash for a password read from standard input")
+    _common(p)
 
     p = sub.add_parser("batch", help="screen queued images (without the listener)")
     _common(p)
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--state", action="append", choices=[s.value for s in jobs.State], help="repeatable")
     p.add_argument("--class", dest="predicted_class", metavar="NAME", help="predicted class")
-    p.add_argument("--priority", choices=["urgent", "routine"])
+    p.add_argument("--priority", choices=["urgent", "high", "routine"])
     p.add_argument("--min-probability", type=float, metavar="P", help="probability of the predicted class >= P")
     p.add_argument("--since", metavar="WHEN", help="received at or after (ISO 8601 date or time, UTC)")
     p.add_argument("--until", metavar="WHEN", help="received before (ISO 8601 date or time, UTC)")
@@ -115,6 +120,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("bind", "listener.bind_address"),
         ("destination", "destinations"),
         ("schedule", "schedule.mode"),
+        ("web_port", "web.port"),
     ):
         if hasattr(args, flag):
             overrides[key] = getattr(args, flag)
@@ -195,46 +201,17 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _query_rows(args: argparse.Namespace, db: jobs.Database) -> list[dict[str, Any]]:
+    from worker import worklist
+
+    since = _parse_when(args.since, "--since") if args.since else None
+    until = _parse_when(args.until, "--until") if args.until else None
     if args.events:
-        stmt = select(jobs.IntakeEvent).order_by(jobs.IntakeEvent.id)
-        if args.since:
-            stmt = stmt.where(jobs.IntakeEvent.at >= _parse_when(args.since, "--since"))
-        if args.until:
-            stmt = stmt.where(jobs.IntakeEvent.at < _parse_when(args.until, "--until"))
-    else:
-        I = jobs.Instance
-        stmt = select(I).order_by(I.id)
-        if args.state:
-            stmt = stmt.where(I.state.in_(args.state))
-        if args.predicted_class:
-            stmt = stmt.where(I.predicted_class == args.predicted_class)
-        if args.priority:
-            stmt = stmt.where(I.priority == args.priority)
-        if args.min_probability is not None:
-            stmt = stmt.where(I.top_probability >= args.min_probability)
-        if args.since:
-            stmt = stmt.where(I.received_at >= _parse_when(args.since, "--since"))
-        if args.until:
-            stmt = stmt.where(I.received_at < _parse_when(args.until, "--until"))
-        if args.study:
-            stmt = stmt.where(I.study_instance_uid == args.study)
-        if args.accession:
-            stmt = stmt.where(I.accession_number == args.accession)
-    if args.limit:
-        stmt = stmt.limit(args.limit)
-    with db.sessions() as s:
-        found = list(s.scalars(stmt))
-    rows = [row.as_dict() for row in found]
-    if not args.events:
-        sends = jobs.deliveries_of(db, [r.id for r in found])
-        for row, out in zip(found, rows):
-            out["deliveries"] = sends.get(row.id, [])
-            states = {d["state"] for d in out["deliveries"]}
-            out["send_state"] = (
-                None if not states else "send_failed" if "send_failed" in states
-                else "pending_send" if "pending_send" in states else "sent"
-            )
-    return rows
+        return worklist.events(db, since=since, until=until, limit=args.limit)
+    return worklist.rows(db, worklist.Filters(
+        states=args.state or (), predicted_class=args.predicted_class, priority=args.priority,
+        min_probability=args.min_probability, since=since, until=until, study=args.study,
+        accession=args.accession, limit=args.limit,
+    ))
 
 
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -291,6 +268,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         counts = jobs.counts(db)
         oldest = jobs.oldest_waiting(db)
         sends = jobs.delivery_counts(db)
+        by_priority = jobs.priority_counts(db)
         with db.sessions() as s:
             refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind != "duplicate")) or 0
     finally:
@@ -299,6 +277,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         "counts": {st.value: counts.get(st.value, 0) for st in jobs.State},
         "total": sum(counts.values()),
         "intake_refusals": refused,
+        "priorities": {p: by_priority.get(p, 0) for p in PRIORITIES},
         "deliveries": {st.value: sends.get(st.value, 0) for st in jobs.SendState},
         "oldest_waiting": None,
     }
@@ -311,6 +290,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     for state, n in out["counts"].items():
         print(f"{state:<10}{n:>8}")
     print(f"{'total':<10}{out['total']:>8}")
+    print("screened by priority: " + ", ".join(f"{k} {v}" for k, v in out["priorities"].items()))
     print(f"intake refusals and conflicts: {refused}")
     print("deliveries: " + ", ".join(f"{k} {v}" for k, v in out["deliveries"].items()))
     if out["oldest_waiting"]:
@@ -347,6 +327,19 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return demo.run(args, settings)
 
 
+def cmd_hash_password(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from worker.web.auth import hash_password
+
+    password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        print("cxr-triage hash-password: use at least 8 characters", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     if settings.storage.database_url is None:
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -363,6 +356,7 @@ COMMANDS = {
     "resend": cmd_resend,
     "migrate": cmd_migrate,
     "demo": cmd_demo,
+    "hash-password": cmd_hash_password,
 }
 
 

@@ -258,6 +258,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
            "--port", str(port), "--model", str(model_dir)]
     if args.config:
         cmd += ["--config", args.config]
+    if args.web_port is not None:
+        cmd += ["--web-port", str(args.web_port)]
     for spec in args.destination or ([f"folder:{data_dir / 'results'}"] if default_folder else []):
         cmd += ["--destination", spec]
     log_path = data_dir / "node.log"
@@ -314,9 +316,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"{matched} of {known} samples predicted as their collection's label{measured}")
         _say("latency = DICOM receipt to the Structured Report stored at the destination")
         for d in dests:
+            if d.message_based:
+                _say(f"{d.type.upper()} messages ({d.name}): {d.url or f'{d.host}:{d.port}'}")
+                continue
             where = d.path.resolve() if d.type == "folder" else f"{d.ae_title}@{d.host}:{d.port}"
             _say(f"SR objects ({d.name}): {where}")
         _say(f"the triage database: cxr-triage query --data-dir {data_dir}")
+        if args.web_port is not None:
+            _say(f"the worklist page: http://127.0.0.1:{args.web_port}/")
         ok = all(_finished(rows.get(u)) for u in uids) and rc == 0
         if args.keep_running and proc.poll() is None:
             _say(f"the node keeps running: {aet} on {host}:{port}; Ctrl-C stops it")
@@ -336,10 +343,12 @@ def add_parser(sub: Any, common: Any) -> None:
     common(p)
     p.add_argument("--model", metavar="DIR", help="a model folder instead of the default model [model.path]")
     p.add_argument("--destination", action="append", metavar="SPEC",
-                   help="send the results here instead of <data-dir>/results (AET@host:port or folder:PATH)")
+                   help="send the results here instead of <data-dir>/results (AET@host:port, folder:PATH, "
+                        "hl7:HOST:PORT, fhir:URL)")
     p.add_argument("--port", type=int, help="the node's DICOM port [listener.port]")
     p.add_argument("--samples", metavar="DIR", help="folder of DICOM files (default: the shipped samples)")
     p.add_argument("--keep-running", action="store_true", help="leave the node running after the table")
+    p.add_argument("--web-port", type=int, metavar="N", help="also serve the worklist page on 127.0.0.1:N (extra: web)")
     p.add_argument("--pynetdicom", action="store_true", help="send with pynetdicom even when storescu is installed")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results (default 300)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the node to start")

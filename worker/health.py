@@ -88,6 +88,13 @@ class QueueCollector(Collector):
         else:
             age.add_metric([], 0.0)
         yield age
+        from worker.priority import PRIORITIES
+
+        by_priority = jobs.priority_counts(db)
+        screened = CounterMetricFamily("cxr_triage_screened", "Screened images, by triage priority", labels=["priority"])
+        for p in PRIORITIES:
+            screened.add_metric([p], by_priority.get(p, 0))
+        yield screened
         deliveries = CounterMetricFamily("cxr_triage_deliveries", "Result deliveries, by state", labels=["state"])
         for st in jobs.SendState:
             deliveries.add_metric([st.value], sends.get(st.value, 0))

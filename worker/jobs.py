@@ -220,7 +220,7 @@ class SendState(str, enum.Enum):
 
 
 class Delivery(Base):
-    """One result object (SR or SC) for one destination.
+    """One result object (SR or SC) or message (HL7, FHIR) for one destination.
 
     Rows are created in the same commit that marks their job ``done``, so a result is in the
     database (and its object durably in the spool's ``results/``) before any send is tried: a
@@ -233,7 +233,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), nullable=False, index=True)
     destination: Mapped[str] = mapped_column(String(64), nullable=False)
-    kind: Mapped[str] = mapped_column(String(8), nullable=False)  # sr | sc
+    kind: Mapped[str] = mapped_column(String(8), nullable=False)  # sr | sc | hl7 | fhir
     sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False)
     path: Mapped[str] = mapped_column(String(255), nullable=False)
@@ -645,6 +645,15 @@ def counts(db: Database) -> dict[str, int]:
     with db.sessions() as s:
         rows = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
     return {state: n for state, n in rows}
+
+
+def priority_counts(db: Database) -> dict[str, int]:
+    """Number of screened (``done``) images per triage priority."""
+    with db.sessions() as s:
+        rows = s.execute(
+            select(Instance.priority, func.count()).where(Instance.state == State.DONE.value).group_by(Instance.priority)
+        ).all()
+    return {p: n for p, n in rows if p is not None}
 
 
 def queued_summary(db: Database, now: dt.datetime | None = None) -> tuple[int, dt.datetime | None]:

@@ -87,8 +87,11 @@ def model_dir(settings: Settings) -> Path:
 def load_engine(settings: Settings) -> "Engine":
     """The model of :func:`model_dir`, compiled."""
     from worker.engine import Engine
+    from worker.priority import PriorityMap
 
-    return Engine(model_dir(settings), precision=settings.model.precision)
+    engine = Engine(model_dir(settings), precision=settings.model.precision)
+    PriorityMap.build(engine.card, settings.triage.priorities, settings.triage.thresholds)  # fail at start-up
+    return engine
 
 
 @dataclass
@@ -103,6 +106,7 @@ class Node:
     server: Any = None
     scheduler: "BatchScheduler | None" = None
     health: Any = None
+    web: Any = None
     audit: audit_log.AuditLog = field(default_factory=lambda: audit_log.NULL)
     stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -131,6 +135,8 @@ class Node:
             h = self.settings.health
             self.health = HealthServer(state, h.bind_address, h.port).start()
             on_batch = self.health.metrics.observe
+        if self.settings.web.enabled:
+            self.web = self._start_web()
         if self.batch and self.engine is not None:
             from worker.scheduler import BatchScheduler
 
@@ -138,6 +144,20 @@ class Node:
                 self.db, self.spool, self.engine, self.settings, on_batch=on_batch, audit=self.audit
             )
             self.scheduler.start()
+
+    def _start_web(self) -> Any:
+        """The worklist page, with the model card of the engine (or, listener-only, read from disk)."""
+        from worker.modelcard import ModelCard, ModelCardError
+        from worker.web import WebServer
+
+        card = self.engine.card if self.engine is not None else None
+        if card is None:
+            try:
+                card = ModelCard.load(model_dir(self.settings))
+            except (ModelCardError, SettingsError, OSError) as exc:
+                log.warning("the web page shows no model card: %s", exc)
+        assert self.db is not None and self.spool is not None
+        return WebServer(self.settings, self.db, self.spool, card).start()
 
     def _audit_start(self) -> None:
         """Record the start, and whether the configuration or the model changed since the last one."""
@@ -170,6 +190,8 @@ class Node:
             self.scheduler.stop()
         if self.health is not None:
             self.health.stop()
+        if self.web is not None:
+            self.web.stop()
         if self.db is not None:
             self.db.close()
         self.audit.record("node_stopped", pid=os.getpid())
@@ -188,6 +210,8 @@ class Node:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         print(f"cxr-triage listening as {self.settings.listener.ae_title} on port {self.port}", flush=True)
+        if self.web is not None:
+            print(f"worklist page on {self.web.scheme}://{self.web.host}:{self.web.port}/", flush=True)
         sd_notify(f"READY=1\nSTATUS=listening on port {self.port}")
         done.wait()
         sd_notify("STOPPING=1")

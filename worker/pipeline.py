@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -35,8 +36,8 @@ from worker import audit as audit_log
 from worker import filters, imaging, jobs, results, sender
 from worker.engine import Engine
 from worker.jobs import Outcome, State
-from worker.modelcard import triage
-from worker.settings import Settings
+from worker.priority import PriorityMap
+from worker.settings import Destination, Settings
 from worker.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def run_batch(
     stage = {"claim": 0.0, "read": 0.0, "filter": 0.0, "preprocess": 0.0, "infer": 0.0, "build": 0.0, "store": 0.0,
              "send": 0.0}
     card = engine.card
+    pmap = PriorityMap.build(card, settings.triage.priorities, settings.triage.thresholds)
     spec = imaging.PreprocessSpec.from_card(engine.card.raw)
     spec = imaging.PreprocessSpec(**{**spec.__dict__, "max_bytes": settings.model.max_image_mb * 2**20})
 
@@ -182,12 +184,12 @@ def run_batch(
     t = time.perf_counter()
     for (job, ds, _, timing), probs in zip(ready, probs_rows):
         timing["infer_ms"] = per_image_ms
-        decision = triage(probs, card)
+        decision = pmap.decide(probs)
         predicted = max(probs, key=probs.__getitem__)
         rounded = {k: round(float(v), 6) for k, v in probs.items()}
         result = results.TriageResult(
             predicted_class=predicted, probabilities=rounded, priority=decision.priority,
-            triage_reason=decision.reason, thresholds=dict(card.thresholds), model_name=card.name,
+            triage_reason=decision.reason, thresholds=pmap.thresholds, model_name=card.name,
             model_version=card.version, model_sha256=card.bin_sha256, model_precision=engine.precision,
         )
         tb = time.perf_counter()
@@ -201,8 +203,9 @@ def run_batch(
                 spool.write(rel, _encode(obj))
                 items += [
                     jobs.NewDelivery(d.name, kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), rel)
-                    for d in destinations
+                    for d in destinations if not d.message_based
                 ]
+            items += _messages(ds, result, objects[0][1], [d for d in destinations if d.message_based], spool)
         except SpoolError as exc:
             storage_errors += 1
             outcomes[job.id] = Outcome(job.id, State.FAILED, f"could not store result object: {exc.strerror}")
@@ -268,6 +271,31 @@ def run_batch(
         report.claimed, report.done, report.skipped, report.failed, report.seconds,
     )
     return report
+
+
+def _messages(
+    source: Dataset, result: results.TriageResult, sr: Dataset, destinations: list[Destination], spool: Spool
+) -> list[jobs.NewDelivery]:
+    """One message per HL7 / FHIR destination, written to the spool beside the SR it reports.
+
+    The delivery row names the SR's UID (deterministic, so a re-screen replaces the message) and
+    the message file; the sender transmits the file as it is, so every retry sends the same bytes.
+    """
+    out: list[jobs.NewDelivery] = []
+    sr_uid, stem = str(sr.SOPInstanceUID), Spool.result_relpath_for(str(sr.SOPInstanceUID)).removesuffix(".dcm")
+    for d in destinations:
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", d.name)
+        if d.type == "hl7":
+            from worker import hl7
+
+            rel, data = f"{stem}.{safe}.hl7", hl7.build_oru(source, result, d, sr_uid).encode("utf-8")
+        else:
+            from worker import fhir
+
+            rel, data = f"{stem}.{safe}.json", fhir.build_bundle(source, result, sr_uid)
+        spool.write(rel, data)
+        out.append(jobs.NewDelivery(d.name, d.type, str(sr.SOPClassUID), sr_uid, rel))
+    return out
 
 
 def _truncated_element(ds: Dataset) -> str | None:

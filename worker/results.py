@@ -161,6 +161,7 @@ from pydicom.uid import (
 )
 
 from worker.imaging import PreprocessSpec, decode, to_grey8
+from worker.priority import PRIORITIES  # ("urgent", "high", "routine")
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,6 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 #: Longest side of the Secondary Capture image, banner included.
 SC_MAX_SIDE = 1024
-PRIORITIES: tuple[str, ...] = ("urgent", "routine")
 PRECISIONS: tuple[str, ...] = ("f32", "bf16", "f16", "int8")
 
 _SR_CLASS = hd.sr.ComprehensiveSR
@@ -229,6 +229,7 @@ _PRIORITY = CodedConcept.from_code(codes.SCT.Priority)  # (260870009, SCT)
 _PRIORITY_VALUES: Mapping[str, CodedConcept] = MappingProxyType(
     {
         "urgent": CodedConcept("URGENT", LOCAL_SCHEME, "Urgent"),
+        "high": CodedConcept("HIGH", LOCAL_SCHEME, "High"),
         "routine": CodedConcept("ROUTINE", LOCAL_SCHEME, "Routine"),
     }
 )
@@ -322,7 +323,7 @@ class TriageResult:
 
     predicted_class: str
     probabilities: Mapping[str, float]  # class name -> probability, in card class order
-    priority: str  # "urgent" | "routine"
+    priority: str  # "urgent" | "high" | "routine" (worker/priority.py)
     triage_reason: str  # e.g. "P(covid19)=0.91 >= 0.50"
     thresholds: Mapping[str, float]  # class -> threshold from the card
     model_name: str

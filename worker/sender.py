@@ -1,4 +1,4 @@
-"""Delivery of result objects: C-STORE to DICOM peers, or files in a folder.
+"""Delivery of results: C-STORE to DICOM peers, files in a folder, HL7 v2 to a RIS, FHIR to a server.
 
 Every result object is durably in the spool (``results/``) and its delivery row committed
 before any send is tried, so a failed send loses nothing. A send that fails is retried with
@@ -11,6 +11,9 @@ C-STORE warnings 0xB000 (coercion of data elements), 0xB006 (elements discarded)
 (data set does not match SOP class) mean the peer stored the object (PS3.4 B.2.3), so they count
 as delivered. The association proposes only the presentation contexts the objects need
 (their SOP classes, in Explicit VR Little Endian, as written).
+
+HL7 (worker/hl7.py) and FHIR (worker/fhir.py) messages are files in the spool too, built with
+the SR; they go through the same rows, leases, backoff and ``send_failed`` as C-STORE.
 
 Result UIDs are deterministic (worker/results.py), so sending the same object twice replaces it
 in PACS rather than duplicating it.
@@ -133,6 +136,29 @@ def _to_peer(
     return out
 
 
+def _to_service(
+    dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim], settings: Settings
+) -> list[tuple[int | None, str | None]]:
+    """Send the spooled HL7 or FHIR messages: one MLLP connection, or one HTTP POST each."""
+    payloads: list[bytes | Exception] = []
+    for d in items:
+        try:
+            payloads.append(spool.path(d.path).read_bytes())
+        except (OSError, ValueError) as exc:
+            payloads.append(exc)
+    if dest.type == "hl7":
+        from worker import hl7
+
+        errors = hl7.send(dest, [p.decode("utf-8") if isinstance(p, bytes) else p for p in payloads],
+                          settings.send.timeout)
+    else:
+        from worker import fhir
+
+        errors = [fhir.post(dest, p, settings.send.timeout) if isinstance(p, bytes) else f"message unreadable: {p}"
+                  for p in payloads]
+    return [(None, e) for e in errors]
+
+
 def send_due(
     db: jobs.Database,
     spool: Spool,
@@ -158,6 +184,8 @@ def send_due(
             results = [(None, f"destination {name!r} is no longer configured")] * len(items)
         elif dest.type == "folder":
             results = _to_folder(dest, spool, items)
+        elif dest.message_based:
+            results = _to_service(dest, spool, items, settings)
         else:
             results = _to_peer(dest, spool, items, settings)
         for claim, (status, error) in zip(items, results):

@@ -128,6 +128,14 @@ class SendSettings:
 
 
 @dataclass(frozen=True)
+class TriageSettings:
+    """How probabilities become a priority (worker/priority.py); thresholds default to the card's."""
+
+    priorities: dict[str, str] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class HealthSettings:
     """The HTTP health and metrics endpoint (off by default, loopback by default)."""
 
@@ -137,11 +145,38 @@ class HealthSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The read-only worklist page (worker/web): off unless a port is set; loopback by default.
+
+    Beyond loopback a login is required (``password_hash`` from ``cxr-triage hash-password``, or
+    ``token``); there is no default password. Either one also turns the login on for loopback.
+    """
+
+    port: int | None = None
+    bind_address: str = "127.0.0.1"
+    show_patient_names: bool = False
+    password_hash: str = ""
+    token: str = ""
+    refresh_seconds: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None
+
+    @property
+    def login_required(self) -> bool:
+        return bool(self.password_hash or self.token)
+
+
+@dataclass(frozen=True)
 class Destination:
-    """Where result objects go: a DICOM peer (C-STORE) or a local folder."""
+    """Where results go: a DICOM peer (C-STORE), a local folder, a RIS (HL7 v2 over MLLP) or a
+    FHIR R4 server."""
 
     name: str
-    type: str  # "dicom" | "folder"
+    type: str  # "dicom" | "folder" | "hl7" | "fhir"
     ae_title: str = ""
     host: str = ""
     port: int = 104
@@ -151,10 +186,24 @@ class Destination:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # hl7: MSH-3/4 (us) and MSH-5/6 (the RIS)
+    sending_application: str = "CXRTRIAGE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    # fhir: the server's base URL and an optional bearer token
+    url: str = ""
+    token: str = ""
+
+    @property
+    def message_based(self) -> bool:
+        """HL7 and FHIR destinations get one message per screened image, not the DICOM objects."""
+        return self.type in ("hl7", "fhir")
 
     @classmethod
     def parse(cls, spec: str) -> "Destination":
-        """``AET@host:port`` (a DICOM peer) or ``folder:PATH``; an optional ``name=`` prefix."""
+        """``AET@host:port`` (a DICOM peer), ``folder:PATH``, ``hl7:HOST:PORT`` or
+        ``fhir:https://host/base``; an optional ``name=`` prefix."""
         name = ""
         if "=" in spec.split("@")[0].split(":")[0]:
             name, spec = spec.split("=", 1)
@@ -163,9 +212,18 @@ class Destination:
             if not path:
                 raise SettingsError(f"destination {spec!r}: folder:PATH needs a path")
             return cls(name=name or "folder", type="folder", path=Path(path).expanduser())
+        if spec.startswith("hl7:"):
+            m = re.match(r"^hl7:([^:]+):([0-9]{1,5})$", spec)
+            if not m:
+                raise SettingsError(f"destination {spec!r}: hl7:HOST:PORT needs a host and a port")
+            return cls(name=name or "hl7", type="hl7", host=m.group(1), port=int(m.group(2)))
+        if spec.startswith("fhir:"):
+            return cls(name=name or "fhir", type="fhir", url=spec[len("fhir:"):])
         m = re.match(r"^([^@]{1,16})@([^:]+):([0-9]{1,5})$", spec)
         if not m:
-            raise SettingsError(f"destination {spec!r} is neither AET@host:port nor folder:PATH")
+            raise SettingsError(
+                f"destination {spec!r} is none of AET@host:port, folder:PATH, hl7:HOST:PORT, fhir:URL"
+            )
         return cls(name=name or m.group(1), type="dicom", ae_title=m.group(1), host=m.group(2), port=int(m.group(3)))
 
 
@@ -180,6 +238,8 @@ class Settings:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     send: SendSettings = field(default_factory=SendSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
+    triage: TriageSettings = field(default_factory=TriageSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     destinations: list[Destination] | None = None
     log_level: str = "INFO"
 
@@ -199,6 +259,8 @@ _SECTIONS: dict[str, type] = {
     "schedule": ScheduleSettings,
     "send": SendSettings,
     "health": HealthSettings,
+    "triage": TriageSettings,
+    "web": WebSettings,
 }
 _TOP_LEVEL = {"log_level"}
 
@@ -211,6 +273,17 @@ def _coerce(value: Any, tp: Any, name: str, from_text: bool) -> Any:
         if value is None or (from_text and value == ""):
             return None
         return _coerce(value, args[0], name, from_text)
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if from_text and isinstance(value, str):  # "covid19=urgent,pneumonia=high"
+            pairs = [v.split("=", 1) for v in value.split(",") if v.strip()]
+            if any(len(kv) != 2 for kv in pairs):
+                raise SettingsError(f"{name} must be KEY=VALUE pairs separated by commas, got {value!r}")
+            value = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, Mapping):
+            raise SettingsError(f"{name} must be a table, got {value!r}")
+        return {_coerce(k, key_tp, name, from_text): _coerce(v, item_tp, f"{name}.{k}", from_text)
+                for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if from_text and isinstance(value, str):
@@ -316,8 +389,17 @@ def _validate(s: Settings) -> None:
         raise SettingsError("send.backoff_seconds must be > 0 and <= send.backoff_max_seconds")
     if not 0 <= se.jitter < 1:
         raise SettingsError("send.jitter must be in [0, 1)")
+    from worker.priority import PRIORITIES
+
+    for cls_name, prio in s.triage.priorities.items():
+        if prio not in PRIORITIES:
+            raise SettingsError(f"triage.priorities.{cls_name} must be one of {', '.join(PRIORITIES)}, got {prio!r}")
+    for cls_name, thr in s.triage.thresholds.items():
+        if not 0.0 <= thr <= 1.0:
+            raise SettingsError(f"triage.thresholds.{cls_name} must be a probability in [0, 1], got {thr}")
     if not 0 <= s.health.port <= 65535:
         raise SettingsError(f"health.port must be 0-65535, got {s.health.port}")
+    _validate_web(s.web)
     names = [d.name for d in s.destinations or []]
     if len(names) != len(set(names)):
         raise SettingsError(f"destinations: names must be unique, got {names}")
@@ -330,10 +412,61 @@ def _validate(s: Settings) -> None:
         elif d.type == "folder":
             if d.path is None:
                 raise SettingsError(f"destinations.{d.name}: a folder destination needs path")
+        elif d.type == "hl7":
+            if not d.host or not 0 < d.port <= 65535:
+                raise SettingsError(f"destinations.{d.name}: an hl7 destination needs host and port 1-65535")
+            if (d.tls_cert is None) != (d.tls_key is None):
+                raise SettingsError(f"destinations.{d.name}: tls_cert and tls_key must be set together")
+            for key in ("sending_application", "sending_facility", "receiving_application", "receiving_facility"):
+                if re.search(r"[|^~\\&\r\n]", getattr(d, key)):
+                    raise SettingsError(f"destinations.{d.name}.{key} must not contain HL7 delimiters |^~\\&")
+        elif d.type == "fhir":
+            if not re.match(r"^https?://[^/\s]+", d.url):
+                raise SettingsError(f"destinations.{d.name}: a fhir destination needs url http(s)://host/base, "
+                                    f"got {d.url!r}")
+            import importlib.util
+
+            if importlib.util.find_spec("fhir.resources") is None:
+                raise SettingsError(f"destinations.{d.name}: a fhir destination needs the fhir extra "
+                                    "(pip install 'cxr-triage[fhir]')")
         else:
-            raise SettingsError(f"destinations.{d.name}: type must be dicom or folder, got {d.type!r}")
+            raise SettingsError(f"destinations.{d.name}: type must be dicom, folder, hl7 or fhir, got {d.type!r}")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise SettingsError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level!r}")
+
+
+def _validate_web(w: WebSettings) -> None:
+    """The page: a port, a login wherever it is reachable from the network, TLS files that exist."""
+    if not w.enabled:
+        return
+    if not 0 <= w.port <= 65535:  # type: ignore[operator]
+        raise SettingsError(f"web.port must be 0-65535, got {w.port}")
+    try:
+        loopback = ipaddress.ip_address(w.bind_address).is_loopback
+    except ValueError:
+        loopback = w.bind_address == "localhost"
+    if not loopback and not w.login_required:
+        raise SettingsError(
+            f"web.bind_address {w.bind_address} is beyond loopback: set web.password_hash "
+            "(cxr-triage hash-password) or web.token; there is no default password"
+        )
+    if w.password_hash and not w.password_hash.startswith("pbkdf2_sha256$"):
+        raise SettingsError("web.password_hash must come from `cxr-triage hash-password` (pbkdf2_sha256$...)")
+    if w.token and len(w.token) < 16:
+        raise SettingsError("web.token must be at least 16 characters")
+    if w.refresh_seconds <= 0:
+        raise SettingsError("web.refresh_seconds must be > 0")
+    if (w.tls_cert is None) != (w.tls_key is None):
+        raise SettingsError("web.tls_cert and web.tls_key must be set together")
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(w, key)
+        if path is not None and not path.is_file():
+            raise SettingsError(f"web.{key}: {path} is not a readable file")
+    import importlib.util
+
+    missing = [m for m in ("starlette", "jinja2", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SettingsError(f"web.port is set but {', '.join(missing)} missing: pip install 'cxr-triage[web]'")
 
 
 def _apply(base: Settings, values: Mapping[str, Any], source: str, from_text: bool) -> Settings:
@@ -384,6 +517,8 @@ def _destinations(value: Any, source: str) -> list[Destination]:
             if "name" not in item or "type" not in item:
                 raise SettingsError(f"destinations[{i}] needs name and type ({source})")
             kw = {k: _coerce(v, hints[k], f"destinations[{i}].{k} ({source})", False) for k, v in item.items()}
+            if kw.get("type") == "hl7" and "port" not in kw:
+                kw["port"] = 2575  # the IANA port for HL7 over MLLP (104 is DICOM's)
             out.append(Destination(**kw))
         else:
             raise SettingsError(f"destinations[{i}] must be a table or a spec string ({source})")

@@ -75,6 +75,10 @@ def test_health_and_metrics_follow_the_queue(monitored) -> None:  # type: ignore
     assert m[("cxr_triage_queue_depth", (("state", "queued"),))] == 0
     assert m[("cxr_triage_oldest_waiting_seconds", ())] == 0
     assert m[("cxr_triage_deliveries_total", (("state", "sent"),))] == 3
+    by_priority = jobs.priority_counts(node.db)
+    assert sum(by_priority.values()) == 3
+    for p in ("urgent", "high", "routine"):
+        assert m[("cxr_triage_screened_total", (("priority", p),))] == by_priority.get(p, 0)
     assert m[("cxr_triage_model_info", (("name", "toy"), ("precision", "f32"), ("version", "0.0.1")))] == 1
     assert wait_for(lambda: _metrics(hp).get(("cxr_triage_batch_seconds_count", ()), 0) >= 1, timeout=5)
     assert _metrics(hp)[("cxr_triage_inference_images_per_second", ())] > 0

@@ -11,7 +11,8 @@ from support import REPO
 WORKER_MODULES = [
     "worker.cli", "worker.settings", "worker.listener", "worker.spool", "worker.jobs", "worker.imaging",
     "worker.filters", "worker.modelcard", "worker.engine", "worker.pipeline", "worker.scheduler", "worker.node",
-    "worker.toymodel", "worker.results", "worker.sender", "worker.demo",
+    "worker.toymodel", "worker.results", "worker.sender", "worker.demo", "worker.priority", "worker.hl7",
+    "worker.fhir", "worker.worklist", "worker.web", "worker.web.pages", "worker.web.auth",
 ]
 
 
@@ -72,3 +73,4 @@ def test_the_wheel_carries_the_default_model_and_no_samples(tmp_path) -> None:  
         assert f"worker/default_model/{f}" in names
     assert "worker/migrations/versions/0001_initial.py" in names or any("migrations/versions/0001" in n for n in names)
     assert not any(n.startswith("samples/") or n.endswith(".dcm") for n in names)
+    assert {"worker/web/templates/worklist.html", "worker/web/templates/_rows.html", "worker/web/worklist.js"} <= names
