@@ -5,6 +5,7 @@
     cxr-triage evaluate runs/paper-3class                       # metrics + plots for every run found below
     cxr-triage evaluate --checkpoint runs/x/best.pt --manifest M [--split test] --out DIR
     cxr-triage report runs/paper-3class [more experiment folders] --out docs/results/paper-3class
+    cxr-triage compare runs/a runs/b --manifest M --out docs/results/x   # single-split runs side by side
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="report folder (report.md, tables, PNGs)")
     r.add_argument("--title", default="")
     r.add_argument("--label", default="", help="a line under the title (e.g. REDUCED CPU SETTINGS)")
+    c = sub.add_parser("compare", help="single-split runs side by side: cost, validation, test per age group and source")
+    c.add_argument("paths", nargs="+", help="finished run folders (each with run.json, metrics.json, predictions_test.csv)")
+    c.add_argument("--manifest", required=True, help="the manifest the runs used (for the source of each test image)")
+    c.add_argument("--out", required=True, help="folder for compare.md and compare.json")
+    c.add_argument("--names", default="", help="comma-separated column names (default: the folder names)")
+    c.add_argument("--title", default="Comparison")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -92,6 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             n = evaluate_paths(args.paths, plots=not args.no_plots)
             print(f"evaluated {n} runs")
             return 0 if n else 1
+        if args.command == "compare":
+            from .compare import write_comparison
+
+            names = [n.strip() for n in args.names.split(",") if n.strip()]
+            if names and len(names) != len(args.paths):
+                print("cxr-triage compare: --names needs one name per run folder", file=sys.stderr)
+                return 2
+            print(write_comparison(args.paths, args.manifest, args.out, title=args.title, names=names))
+            return 0
         if args.command == "report":
             from .report import write_report
 

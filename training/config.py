@@ -181,8 +181,8 @@ def validate(cfg: dict) -> None:
     if t["schedule"] not in SCHEDULES:
         raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t['schedule']!r}")
     sizes = t["progressive_sizes"]
-    if any(not isinstance(v, int) or isinstance(v, bool) or not 32 <= v <= int(d["size"]) for v in sizes):
-        raise ConfigError(f"train.progressive_sizes must be integers from 32 to data.size ({d['size']}), got {sizes!r}")
+    if any(not isinstance(v, int) or isinstance(v, bool) or not 16 <= v <= int(d["size"]) for v in sizes):
+        raise ConfigError(f"train.progressive_sizes must be integers from 16 to data.size ({d['size']}), got {sizes!r}")
     if sizes and not 1 <= int(t["final_epochs"]) <= int(t["epochs"]):
         raise ConfigError(f"train.final_epochs must be from 1 to train.epochs ({t['epochs']}), got {t['final_epochs']!r}")
     if sizes and int(t["epochs"]) - int(t["final_epochs"]) < len(sizes):

@@ -399,8 +399,9 @@ def train_run(
         st.history.append(rec)
         with open(hist_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        done_here = epoch + 1 - st.start_epoch
-        left = (time.time() - t_run) / done_here * (epochs - epoch - 1)
+        # time left: a step costs about size^2, so the epochs still to come are weighted by it
+        spent = sum(v * v for v in sizes[st.start_epoch: epoch + 1])
+        left = (time.time() - t_run) / spent * sum(v * v for v in sizes[epoch + 1:])
         log.info("%s epoch %d/%d (%d px): train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %s | %.0f s, %.1f images/s, "
                  "about %s left%s", run_dir, epoch, epochs - 1, sizes[epoch], tl, ta, vloss, vm["accuracy"],
                  f"{vm['macro_auroc']:.3f}" if vm["macro_auroc"] else "n/a", rec["seconds"], rec["images_per_second"] or 0.0,

@@ -366,6 +366,7 @@ UPSTREAM = {
     "train": ("training.cli", "train a model from a manifest (extra: train)"),
     "evaluate": ("training.cli", "evaluate runs and folds (extra: train)"),
     "report": ("training.cli", "write the experiment report (extra: train)"),
+    "compare": ("training.cli", "single-split runs side by side (extra: train)"),
     "convert": ("conversion.cli", "convert a checkpoint to an OpenVINO IR + model card (extra: train)"),
 }
 

@@ -126,3 +126,24 @@ def test_shipped_configs_load() -> None:
     for p in root.glob("*.toml"):
         load_config(p)
     assert np.isclose(load_config(root / "paper-3class.toml")["train"]["lr"], 1e-3)
+
+
+def test_compare_runs_side_by_side(tiny_manifest: Path, tmp_path: Path) -> None:
+    common = ["--models", "mobilenet", "--set", "train.max_train_batches=2", "--set", "train.epochs=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(tiny_manifest, a, *common) == 0
+    assert _train(tiny_manifest, b, *common, "--set", "train.progressive_sizes=[24]", "--set", "train.final_epochs=1",
+                  "--set", 'train.schedule="onecycle"') == 0
+    assert [h["size"] for h in map(json.loads, (b / "history.jsonl").read_text().splitlines())] == [24, 32]
+    out = tmp_path / "cmp"
+    assert cxr_main(["compare", str(a), str(b), "--manifest", str(tiny_manifest), "--out", str(out), "--names", "plain,progressive"]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert set(data) == {"plain", "progressive"}
+    met = json.loads((a / "metrics.json").read_text())
+    assert data["plain"]["test_accuracy"] == pytest.approx(met["test"]["accuracy"])
+    assert data["progressive"]["epoch_sizes"] == [24, 32]
+    assert set(data["plain"]["test_by_source"]) == {"synthetic"}
+    assert data["plain"]["source_check_auroc"] is not None and 0.0 <= data["plain"]["source_check_auroc"] <= 1.0
+    text = (out / "compare.md").read_text()
+    assert "| plain | progressive |" in text and "source check" in text and "synthetic (n=" in text
+    assert cxr_main(["compare", str(a), "--manifest", str(tiny_manifest), "--out", str(out), "--names", "x,y"]) == 2
