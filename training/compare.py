@@ -76,6 +76,7 @@ def run_summary(run: str | os.PathLike, sources: dict[str, str]) -> dict[str, An
         "epoch_sizes": info.get("epoch_sizes"),
         "epochs_run": len(hist),
         "train_seconds": round(sum(h.get("seconds", 0.0) for h in hist), 1),
+        "cpu_seconds": round(sum(h["cpu_seconds"] for h in hist), 1) if all("cpu_seconds" in h for h in hist) else None,
         "best_epoch": best,
         "val_accuracy": met["val"]["accuracy"],
         "val_auroc": met["val"]["macro_auroc"],
@@ -120,6 +121,7 @@ def write_comparison(runs: Sequence[str | os.PathLike], manifest: str | os.PathL
     row("seed", [str(s["seed"]) for s in summaries])
     row("epoch sizes (px)", [" ".join(str(v) for v in s["epoch_sizes"] or []) for s in summaries])
     row("wall time of the epochs (s)", [f"{s['train_seconds']:.0f}" for s in summaries])
+    row("CPU time of the epochs, all threads (s)", ["n/a" if s["cpu_seconds"] is None else f"{s['cpu_seconds']:.0f}" for s in summaries])
     row("selected epoch", [str(s["best_epoch"]) for s in summaries])
     row("validation accuracy %", [_pct(s["val_accuracy"]) for s in summaries])
     row("validation macro AUROC", [_f3(s["val_auroc"]) for s in summaries])

@@ -375,7 +375,7 @@ def train_run(
     hist_path, last = run_dir / "history.jsonl", run_dir / "last.pt"
     t_run = time.time()
     for epoch in range(st.start_epoch, epochs):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         lr = run.opt.param_groups[0]["lr"]  # at the epoch's start (per-step schedules move during it)
         train_ds.set_size(sizes[epoch])
         tl, ta, tn = _train_epoch(run, train_ds, t, epoch, seed, f"{run_dir.name} epoch {epoch} ({sizes[epoch]} px)")
@@ -386,7 +386,8 @@ def train_run(
         rec = {"epoch": epoch, "size": sizes[epoch], "train_loss": tl, "train_accuracy": ta, "val_loss": vloss,
                "val_accuracy": vm["accuracy"], "val_auroc": vm["macro_auroc"], "val_balanced_accuracy": vm["balanced_accuracy"],
                "lr": lr, "images_per_second": round(tn / train_s, 2) if train_s > 0 else None,
-               "train_seconds": round(train_s, 2), "seconds": round(time.time() - t0, 2)}
+               "train_seconds": round(train_s, 2), "seconds": round(time.time() - t0, 2),
+               "cpu_seconds": round(time.process_time() - c0, 2)}  # all threads: the cost on a shared machine
         value = _select_value(t, rec)
         improved = value < st.best
         if improved:
