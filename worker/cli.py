@@ -148,8 +148,10 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
 
     from worker import audit as audit_log
     from worker import pipeline, sender
+    from worker import preflight
     from worker.node import load_engine, open_storage, sd_notify
 
+    preflight.check_storage(settings)  # before the model loads
     engine = load_engine(settings)
     db, spool = open_storage(settings)
     audit = audit_log.AuditLog(settings.storage.audit_path)
@@ -398,10 +400,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in UPSTREAM:
         return _upstream(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    from worker.preflight import StartupError
+
     try:
         settings = _settings(args)
         _setup_logging(settings)
         return COMMANDS[args.command](args, settings)
+    except StartupError as exc:
+        print(f"cxr-triage {args.command}: cannot start: {exc}", file=sys.stderr)
+        return 2
     except (SettingsError, ModelCardError) as exc:
         print(f"cxr-triage {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
