@@ -118,7 +118,45 @@ def _settings(args: argparse.Namespace) -> Settings:
     ):
         if hasattr(args, flag):
             overrides[key] = getattr(args, flag)
-    return load_settings(args.config, overrides)
+    from worker.settings import default_config_file
+
+    return load_settings(args.config or default_config_file(), overrides)
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked (a missing database, a bad argument): one line, exit 2."""
+
+
+def _open_existing(settings: Settings) -> jobs.Database:
+    """The node's database for a read-only command: never created here (a new empty database
+    would report "nothing waiting" for a node whose real queue is elsewhere)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    st = settings.storage
+    hint = "pass --data-dir DIR or --database URL of the node, or --config FILE"
+    if st.database_url is None:
+        path = (st.data_dir / "triage.db").resolve()
+        if not path.is_file():
+            raise CommandError(f"no triage database at {path} (storage.data_dir = {st.data_dir}); {hint}")
+        where = str(path)
+    else:
+        where = make_url(st.database_url).render_as_string(hide_password=True)
+    db = jobs.Database.open(st.url, upgrade=False)
+    try:
+        revision = jobs.current_revision(db.engine)
+        if revision is None:
+            raise CommandError(f"{where} is not a cxr-triage database (no schema); {hint}")
+        if revision != jobs.HEAD_REVISION:
+            jobs.migrate(db.engine)
+    except SQLAlchemyError as exc:
+        db.close()
+        detail = str(exc.orig if getattr(exc, "orig", None) is not None else exc).strip().splitlines()[0]
+        raise CommandError(f"cannot open the triage database {where}: {detail}") from None
+    except CommandError:
+        db.close()
+        raise
+    return db
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -254,7 +292,7 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
-    db = jobs.Database.open(settings.storage.url)
+    db = _open_existing(settings)
     try:
         rows = _query_rows(args, db)
     finally:
@@ -288,7 +326,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    db = jobs.Database.open(settings.storage.url)
+    db = _open_existing(settings)
     try:
         counts = jobs.counts(db)
         oldest = jobs.oldest_waiting(db)
@@ -324,7 +362,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
-    db = jobs.Database.open(settings.storage.url)
+    db = _open_existing(settings)
     try:
         n = jobs.resend(db, sop_instance_uid=args.sop, destination=args.to)
         print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again")
@@ -408,6 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args, settings)
     except StartupError as exc:
         print(f"cxr-triage {args.command}: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"cxr-triage {args.command}: {exc}", file=sys.stderr)
         return 2
     except (SettingsError, ModelCardError) as exc:
         print(f"cxr-triage {args.command}: configuration error: {exc}", file=sys.stderr)

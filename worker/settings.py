@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "CXR_TRIAGE_"
+#: The configuration file of an installed node (the systemd units' ``--config``): the default
+#: configuration of every command when ``--config`` is not given and ``CXR_TRIAGE_CONFIG`` is
+#: not set, so that an operator on the node's host gets the node's own state without flags.
+DEFAULT_CONFIG_FILE = Path("/etc/cxr-triage/node.toml")
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE VR, no backslash, <= 16 chars
 
 
@@ -409,6 +413,15 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def default_config_file(environ: Mapping[str, str] | None = None) -> Path | None:
+    """:data:`DEFAULT_CONFIG_FILE` when it exists and ``CXR_TRIAGE_CONFIG`` is not set (an empty
+    ``CXR_TRIAGE_CONFIG=`` means: no file at all); else None."""
+    environ = os.environ if environ is None else environ
+    if ENV_PREFIX + "CONFIG" in environ:
+        return None
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -429,6 +442,11 @@ def load_settings(
                 data = tomllib.load(fh)
         except FileNotFoundError:
             raise SettingsError(f"configuration file {p} does not exist") from None
+        except PermissionError:
+            raise SettingsError(f"configuration file {p} is not readable by this user (uid {os.geteuid()}); "
+                                "run the command as the node's user, e.g. sudo -u cxr-triage") from None
+        except IsADirectoryError:
+            raise SettingsError(f"configuration file {p} is a folder") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"configuration file {p} is not valid TOML: {exc}") from None
         settings = _apply(settings, data, str(p), from_text=False)

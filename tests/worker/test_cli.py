@@ -196,3 +196,58 @@ def test_upstream_commands_are_dispatched_lazily(capsys: pytest.CaptureFixture[s
     monkeypatch.setattr(importlib, "import_module", lambda n: no_training(n))
     assert cli.main(["convert", "x.pt", "--out", "y"]) == 2
     assert "pip install 'cxr-triage[train]'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- read-only commands (issue 19, item 2)
+
+
+def _cli(*args: str, cwd: Path, default_config: Path | None = None, env: dict[str, str] | None = None,
+         ) -> subprocess.CompletedProcess[str]:
+    """``cxr-triage ARGS`` in its own process; ``default_config`` stands in for /etc/cxr-triage/node.toml."""
+    code = "import sys; from worker.cli import main; sys.exit(main(sys.argv[1:]))"
+    if default_config is not None:
+        code = (f"import pathlib, worker.settings as s; s.DEFAULT_CONFIG_FILE = pathlib.Path({str(default_config)!r}); "
+                + code)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CXR_TRIAGE_")}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**base, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1]), **(env or {})})
+
+
+@pytest.mark.parametrize("command", ["status", "query", "resend"])
+def test_read_only_commands_never_create_a_database(tmp_path: Path, command: str) -> None:
+    r = _cli(command, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"cxr-triage {command}: no triage database at {tmp_path / 'var' / 'triage.db'} "
+                                "(storage.data_dir = var); pass --data-dir DIR or --database URL of the node, "
+                                "or --config FILE")
+    r = _cli(command, "--data-dir", str(tmp_path / "elsewhere"), cwd=tmp_path)
+    assert r.returncode == 2 and str(tmp_path / "elsewhere" / "triage.db") in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no folder, no database
+
+
+def test_a_database_without_our_schema_is_not_read_as_empty(tmp_path: Path) -> None:
+    import sqlite3
+
+    (tmp_path / "var").mkdir()
+    sqlite3.connect(tmp_path / "var" / "triage.db").close()
+    r = _cli("status", cwd=tmp_path)
+    assert r.returncode == 2 and "is not a cxr-triage database (no schema)" in r.stderr
+
+
+def test_the_installed_nodes_config_is_the_default(tmp_path: Path) -> None:
+    node_dir = tmp_path / "lib" / "cxr-triage"
+    assert cli.main(["migrate", "--data-dir", str(node_dir)]) == 0
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{node_dir}"\n')
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    r = _cli("status", "--format", "json", cwd=elsewhere, default_config=config)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["total"] == 0
+    # CXR_TRIAGE_CONFIG wins, and set empty it means "no file": back to ./var, which does not exist
+    r = _cli("status", cwd=elsewhere, default_config=config, env={"CXR_TRIAGE_CONFIG": ""})
+    assert r.returncode == 2 and str(elsewhere / "var" / "triage.db") in r.stderr
+    # an absent default file is no error
+    r = _cli("status", "--data-dir", str(node_dir), cwd=elsewhere, default_config=tmp_path / "absent.toml")
+    assert r.returncode == 0, r.stderr
+    assert list(elsewhere.iterdir()) == []
