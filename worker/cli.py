@@ -1,6 +1,6 @@
 """``cxr-triage``: one command, with subcommands; each entry is ``main(argv=None) -> int``.
 
-Subcommands: ``demo`` (the main job end to end on the shipped samples), ``serve`` (listener + batches), ``batch`` (batches only; ``--once`` drains the
+Subcommands: ``model`` (the model card for people), ``demo`` (the main job end to end on the shipped samples), ``serve`` (listener + batches), ``batch`` (batches only; ``--once`` drains the
 queue, sends what is due and exits, for cron or systemd timers), ``query`` and ``status`` (the
 triage database), ``resend`` (failed deliveries back to the queue), ``migrate`` (schema
 upgrade; also done on every start).
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cxr-triage",
         description="Chest X-ray triage node: DICOM intake, durable queue, OpenVINO screening, results to PACS.",
     )
+    parser.add_argument("--version", action="version", version=f"cxr-triage {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="receive DICOM and screen it (listener + batch scheduler)")
@@ -95,9 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_parser(sub, _common)
 
+    p = sub.add_parser("model", help="the model card: name, version, precision, classes, thresholds, metrics, data")
+    _common(p)
+    p.add_argument("--model", metavar="DIR", help="a model folder instead of the configured one [model.path]")
+
     p = sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
     _common(p)
     return parser
+
+
+def package_version() -> str:
+    """The installed package's version (``pyproject.toml``), or ``unknown`` in a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxr-triage")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -171,7 +186,7 @@ def _parse_when(text: str, name: str) -> dt.datetime:
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise SettingsError(f"{name}: {text!r} is not an ISO 8601 date or time") from None
+        raise CommandError(f"{name}: {text!r} is not an ISO 8601 date or time") from None
     return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
@@ -291,9 +306,34 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def _check_class(name: str, settings: Settings, db: jobs.Database) -> None:
+    """``--class`` must be a class of the configured model (or one recorded in the database by an
+    earlier model); a typo would otherwise print an empty table that reads as "none found"."""
+    from worker.modelcard import ModelCard
+    from worker.node import model_dir
+
+    with db.sessions() as s:
+        recorded = {c for c in s.scalars(select(jobs.Instance.predicted_class).distinct()) if c}
+    try:
+        card = ModelCard.load(model_dir(settings), verify_hash=False)
+        model_classes, model = list(card.classes), f"model {card.name} {card.version}"
+    except (SettingsError, ModelCardError):
+        model_classes, model = [], "no model found"
+    if name in model_classes or name in recorded:
+        return
+    known = model_classes + sorted(recorded - set(model_classes))
+    raise CommandError(f"--class {name!r} is not a class of {model} (classes: {', '.join(known) or 'none'})")
+
+
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    if args.min_probability is not None and not 0.0 <= args.min_probability <= 1.0:
+        raise CommandError(f"--min-probability must be a probability in [0, 1], got {args.min_probability:g}")
+    if args.limit < 0:
+        raise CommandError(f"--limit must be >= 0 (0 = all), got {args.limit}")
     db = _open_existing(settings)
     try:
+        if args.predicted_class and not args.events:
+            _check_class(args.predicted_class, settings, db)
         rows = _query_rows(args, db)
     finally:
         db.close()
@@ -364,6 +404,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
     db = _open_existing(settings)
     try:
+        if args.to:
+            with db.sessions() as s:
+                recorded = set(s.scalars(select(jobs.Delivery.destination).distinct()))
+            configured = [d.name for d in settings.result_destinations]
+            if args.to not in recorded and args.to not in configured:
+                known = configured + sorted(recorded - set(configured))
+                raise CommandError(f"--to {args.to!r} is not a destination (destinations: {', '.join(known) or 'none'})")
         n = jobs.resend(db, sop_instance_uid=args.sop, destination=args.to)
         print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again")
         if args.now and n:
@@ -387,6 +434,18 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return demo.run(args, settings)
 
 
+def cmd_model(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the card of the model the node screens with (``model.path``, else the packaged default)."""
+    from worker.modelcard import ModelCard
+    from worker.modelsummary import summary_lines
+    from worker.node import model_dir
+
+    card = ModelCard.load(model_dir(settings))
+    for line in summary_lines(card):
+        print(line)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     if settings.storage.database_url is None:
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -403,6 +462,7 @@ COMMANDS = {
     "resend": cmd_resend,
     "migrate": cmd_migrate,
     "demo": cmd_demo,
+    "model": cmd_model,
 }
 
 
@@ -455,6 +515,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `cxr-triage model | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

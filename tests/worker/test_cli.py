@@ -116,7 +116,8 @@ def test_query_filters_and_formats(served, capsys: pytest.CaptureFixture[str]) -
     assert [r["sop_instance_uid"] for r in rows] == [dss[0].SOPInstanceUID]
     cls = rows[0]["predicted_class"]
     assert all(r["predicted_class"] == cls for r in _query(data_dir, "--class", cls))
-    assert _query(data_dir, "--min-probability", "1.01") == []
+    assert _query(data_dir, "--min-probability", "1.0") == []  # softmax of the toy model: never exactly 1
+    assert len(_query(data_dir, "--min-probability", "0")) == 3
     assert len(_query(data_dir, "--since", "2000-01-01")) == 3
     assert _query(data_dir, "--until", "2000-01-01") == []
     assert len(_query(data_dir, "--state", "done", "--state", "queued")) == 3
@@ -251,3 +252,66 @@ def test_the_installed_nodes_config_is_the_default(tmp_path: Path) -> None:
     r = _cli("status", "--data-dir", str(node_dir), cwd=elsewhere, default_config=tmp_path / "absent.toml")
     assert r.returncode == 0, r.stderr
     assert list(elsewhere.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- version, model card, argument checks (item 4)
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    r = subprocess.run([sys.executable, "-m", "worker.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"cxr-triage {version('cxr-triage')}"
+
+
+def test_model_prints_the_card_a_person_needs(tmp_path: Path) -> None:
+    import json as _json
+
+    from worker.modelcard import default_model_dir
+
+    r = _cli("model", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    card = _json.loads((default_model_dir() / "model.json").read_text())
+    overall = card["metrics"][card["metrics"]["deployed"]]
+    assert f"{card['name']} {card['version']}" in out.splitlines()[0]
+    assert f"precision: {card['precision']}" in out and "classes: normal, pneumonia, covid19" in out
+    for cls, t in card["thresholds"].items():
+        assert f"{cls} P >= {t:.4f}" in out
+    assert f"{overall['overall']['accuracy'] * 100:.1f}" in out  # overall accuracy, as the card records it
+    for group, m in overall["by_age_group"].items():
+        row = next(ln for ln in out.splitlines() if ln.strip().startswith(group + " "))
+        assert f"{m['accuracy'] * 100:.1f}" in row
+    assert "training data and licences:" in out and "CC BY-NC" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_of_another_folder(tmp_path: Path, toy_model: Path) -> None:
+    r = _cli("model", "--model", str(toy_model), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("toy ") and "training data and licences: not recorded" in r.stdout
+    r = _cli("model", "--model", str(tmp_path / "none"), cwd=tmp_path)
+    assert r.returncode == 2 and "is not a directory" in r.stderr
+
+
+def test_query_and_resend_check_their_arguments(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    assert cli.main(["migrate", "--data-dir", str(data)]) == 0
+    cases = [
+        (["query", "--class", "covid"],
+         "cxr-triage query: --class 'covid' is not a class of model cxr-hybrid-3class 1.0.0 "
+         "(classes: normal, pneumonia, covid19)"),
+        (["query", "--min-probability", "1.5"], "cxr-triage query: --min-probability must be a probability in [0, 1], got 1.5"),
+        (["query", "--min-probability", "-0.1"], "cxr-triage query: --min-probability must be a probability in [0, 1], got -0.1"),
+        (["query", "--since", "yesterday"], "cxr-triage query: --since: 'yesterday' is not an ISO 8601 date or time"),
+        (["resend", "--to", "PACS"], "cxr-triage resend: --to 'PACS' is not a destination (destinations: folder)"),
+    ]
+    for args, expected in cases:
+        r = _cli(*args, "--data-dir", str(data), cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.strip() == expected, r.stderr
+        assert "configuration error" not in r.stderr
+    r = _cli("query", "--class", "covid19", "--data-dir", str(data), cwd=tmp_path)
+    assert r.returncode == 0 and "(0 rows)" in r.stdout
+    r = _cli("resend", "--to", "pacs", "--data-dir", str(data), cwd=tmp_path,
+             env={"CXR_TRIAGE_DESTINATIONS": "pacs=PACS@127.0.0.1:104"})
+    assert r.returncode == 0 and "0 failed deliveries queued again" in r.stdout
