@@ -33,6 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="spool and SQLite database folder [storage.data_dir]")
     p.add_argument("--database", metavar="URL", help="SQLAlchemy URL, e.g. postgresql+psycopg://... [storage.database_url]")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR [log_level]")
+    p.add_argument("--log-format", choices=["text", "json"], help="one JSON object per line with json [log_format]")
 
 
 def _node_options(p: argparse.ArgumentParser) -> None:
@@ -120,6 +121,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "storage.data_dir": args.data_dir,
         "storage.database_url": args.database,
         "log_level": args.log_level,
+        "log_format": args.log_format,
     }
     for flag, key in (
         ("model", "model.path"),
@@ -175,11 +177,9 @@ def _open_existing(settings: Settings) -> jobs.Database:
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from worker import logs
+
+    logs.configure(settings.log_level, settings.log_format)
 
 
 def _parse_when(text: str, name: str) -> dt.datetime:
@@ -356,10 +356,13 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     if args.events:
         _print_table(rows, ["at", "kind", "status", "calling_ae", "sop_instance_uid", "reason"])
     else:
+        for r in rows:  # why a result is not delivered yet, or never will be (also in --format json: deliveries)
+            errors = [d["last_error"] for d in r["deliveries"] if d["state"] != jobs.SendState.SENT.value and d["last_error"]]
+            r["send_error"] = "; ".join(dict.fromkeys(errors)) or None
         _print_table(
             rows,
             ["sop_instance_uid", "state", "predicted_class", "probability", "priority", "send_state", "received_at",
-             "reason"],
+             "reason", "send_error"],
         )
     print(f"({len(rows)} rows)")
     return 0

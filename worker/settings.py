@@ -186,6 +186,7 @@ class Settings:
     health: HealthSettings = field(default_factory=HealthSettings)
     destinations: list[Destination] | None = None
     log_level: str = "INFO"
+    log_format: str = "text"
 
     @property
     def result_destinations(self) -> list[Destination]:
@@ -204,7 +205,7 @@ _SECTIONS: dict[str, type] = {
     "send": SendSettings,
     "health": HealthSettings,
 }
-_TOP_LEVEL = {"log_level"}
+_TOP_LEVEL = {"log_level", "log_format"}
 
 
 def _coerce(value: Any, tp: Any, name: str, from_text: bool) -> Any:
@@ -338,6 +339,8 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"destinations.{d.name}: type must be dicom or folder, got {d.type!r}")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise SettingsError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level!r}")
+    if s.log_format not in ("text", "json"):
+        raise SettingsError(f"log_format must be text or json, got {s.log_format!r}")
 
 
 def _apply(base: Settings, values: Mapping[str, Any], source: str, from_text: bool) -> Settings:

@@ -315,3 +315,30 @@ def test_query_and_resend_check_their_arguments(tmp_path: Path) -> None:
     r = _cli("resend", "--to", "pacs", "--data-dir", str(data), cwd=tmp_path,
              env={"CXR_TRIAGE_DESTINATIONS": "pacs=PACS@127.0.0.1:104"})
     assert r.returncode == 0 and "0 failed deliveries queued again" in r.stdout
+
+
+def test_query_table_shows_the_delivery_error(tmp_path: Path, toy_model: Path) -> None:
+    from support import send
+
+    from worker.node import Node
+    from worker.settings import load_settings
+
+    data_dir, port, dead = tmp_path / "var", free_port(), free_port()  # nothing listens on `dead`
+    s = load_settings(None, {"storage.data_dir": str(data_dir), "listener.port": port,
+                             "listener.bind_address": "127.0.0.1", "storage.disk_reserve_mb": 0}, environ={})
+    n = Node(s, batch=False)
+    n.start()
+    try:
+        assert send([make_image(rows=64, cols=64)], n.port) == [0]
+    finally:
+        n.stop()
+    env = {"CXR_TRIAGE_DESTINATIONS": f"PACS@127.0.0.1:{dead}", "CXR_TRIAGE_SEND_MAX_ATTEMPTS": "1",
+           "CXR_TRIAGE_SEND_TIMEOUT": "2"}
+    r = _cli("batch", "--once", "--data-dir", str(data_dir), "--model", str(toy_model), cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "send_failed 1" in r.stdout, r.stdout + r.stderr
+    (row,) = _query(data_dir)
+    (d,) = row["deliveries"]
+    assert d["state"] == "send_failed" and d["last_error"].startswith("PACS ")
+    r = _cli("query", "--data-dir", str(data_dir), cwd=tmp_path)
+    head, _, line, *_ = r.stdout.splitlines()
+    assert head.split()[-1] == "send_error" and line.rstrip().endswith(d["last_error"])
