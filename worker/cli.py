@@ -375,13 +375,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         oldest = jobs.oldest_waiting(db)
         sends = jobs.delivery_counts(db)
         with db.sessions() as s:
-            refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind != "duplicate")) or 0
+            refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind.not_in(["duplicate", "ignored"]))) or 0
+            ignored = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind == "ignored")) or 0
     finally:
         db.close()
     out = {
         "counts": {st.value: counts.get(st.value, 0) for st in jobs.State},
         "total": sum(counts.values()),
         "intake_refusals": refused,
+        "intake_ignored": ignored,
         "deliveries": {st.value: sends.get(st.value, 0) for st in jobs.SendState},
         "oldest_waiting": None,
     }
@@ -395,6 +397,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{state:<10}{n:>8}")
     print(f"{'total':<10}{out['total']:>8}")
     print(f"intake refusals and conflicts: {refused}")
+    if ignored:
+        print(f"ignored (out of scope, not stored): {ignored}")
     print("deliveries: " + ", ".join(f"{k} {v}" for k, v in out["deliveries"].items()))
     if out["oldest_waiting"]:
         o = out["oldest_waiting"]

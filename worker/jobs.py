@@ -190,7 +190,7 @@ class IntakeEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
-    kind: Mapped[str] = mapped_column(String(32), nullable=False)  # refused | duplicate | duplicate_differs | association_rejected
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)  # refused | duplicate | duplicate_differs | association_rejected | ignored
     status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status returned, if any
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     peer: Mapped[str | None] = mapped_column(String(64))

@@ -12,7 +12,9 @@ its queue row is committed. Decoding happens later, in the batch pipeline, so in
 Status codes returned (PS3.4 Table B.2-1, PS3.7 Annex C):
 
 ========  ===============================================================
-0x0000    stored and queued, or a re-send of an instance already stored
+0x0000    stored and queued, or a re-send of an instance already stored; with
+          ``listener.accept_out_of_scope``, also an object of another SOP class (not stored,
+          recorded as an ``ignored`` intake event)
 0x0122    refused: SOP class not supported (not CR, DX or greyscale SC)
 0xA700    refused: out of resources (disk reserve reached, spool or database failure)
 0xA900    error: data set does not match SOP class (UIDs in data set differ from request)
@@ -205,6 +207,17 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         return _status(code, reason)
 
     if sop_class not in ACCEPTED_SOP_CLASSES:
+        if intake.settings.listener.accept_out_of_scope:
+            # A PACS auto-route sends whole studies: acknowledge what we do not screen, store
+            # nothing, and say so (PS3.4 B.2.3 leaves what an SCP keeps to its conformance statement).
+            reason = (f"SOP class {sop_class} is not screened by this node; acknowledged without storing "
+                      "(listener.accept_out_of_scope)")
+            log.info("ignored C-STORE of SOP class %s from %s (not stored)", sop_class, calling)
+            intake.audit.record("object_ignored", calling_ae=calling, peer=peer, sop_class_uid=sop_class,
+                                sop_instance_uid=sop_uid if not uid_problem(sop_uid) else None)
+            jobs.record_event(intake.db, "ignored", reason, status=STATUS_SUCCESS, calling_ae=calling, peer=peer,
+                              sop_instance_uid=sop_uid, sop_class_uid=sop_class)
+            return STATUS_SUCCESS
         return refuse(STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not accepted by this node")
     problem = uid_problem(sop_uid)
     if problem:

@@ -51,6 +51,7 @@ class ListenerSettings:
     require_called_aet: bool = True
     allowed_peers: list[str] = field(default_factory=list)
     max_object_mb: int = 1024
+    accept_out_of_scope: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
