@@ -212,6 +212,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
                  model_version=engine.card.version, model_sha256=engine.card.bin_sha256)
     try:
         if args.once:
+            pipeline.reclaim_dead_leases(db, audit)  # an earlier run of this host that died mid-batch
             # results go out from a background thread while the next batches are screened
             bg = sender.BackgroundSender(db, spool, settings, audit=audit).start()
             try:

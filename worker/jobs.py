@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -623,6 +623,51 @@ def finish(
                     _add_deliveries(s, row.id, deliveries[o.job_id], now)
             applied.add(o.job_id)
     return applied
+
+
+def reclaim_dead_leases(
+    db: Database,
+    host: str,
+    is_alive: Callable[[int], bool],
+    *,
+    exclude: Iterable[str] = (),
+    now: dt.datetime | None = None,
+) -> dict[str, int]:
+    """Expire at once the leases of earlier processes on ``host`` that are gone; {owner: jobs}.
+
+    A lease owner is ``host:pid:suffix`` (:func:`worker.pipeline.worker_id`). A node restarted
+    after a crash would otherwise wait ``batch.lease_seconds`` (300 s) before taking its own dead
+    process's jobs back. Only this host's owners are looked at, since a process id means nothing
+    on another machine; owners in ``exclude`` (this process's) and owners whose process id
+    ``is_alive`` are left alone. The expired leases are then claimed like any other (attempts
+    count on), and :func:`finish` still fences by owner, so a wrong guess (another machine with
+    the same host name sharing the queue) costs a repeated job, never a wrong result.
+    """
+    now = now or utcnow()
+    skip = set(exclude)
+    found: dict[str, int] = {}
+    with db.sessions.begin() as s:
+        rows = s.execute(
+            select(Instance.lease_owner, func.count())
+            .where(Instance.state == State.RUNNING.value, Instance.lease_owner.like(f"{host}:%"),
+                   Instance.lease_expires > now)
+            .group_by(Instance.lease_owner)
+        ).all()
+        for owner, n in rows:
+            if owner in skip:
+                continue
+            parts = owner.split(":")
+            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+                continue
+            if is_alive(int(parts[1])):
+                continue
+            s.execute(
+                update(Instance)
+                .where(Instance.state == State.RUNNING.value, Instance.lease_owner == owner)
+                .values(lease_expires=now - dt.timedelta(seconds=1))
+            )
+            found[owner] = int(n)
+    return found
 
 
 def release(db: Database, owner: str, job_ids: Sequence[int]) -> None:

@@ -42,9 +42,41 @@ from worker.spool import Spool, SpoolError
 log = logging.getLogger(__name__)
 
 
+#: Lease owners made by this process (never reclaimed as a dead process's, even where an earlier
+#: process had the same pid, e.g. pid 1 in a container).
+_OWN_OWNERS: set[str] = set()
+
+
 def worker_id() -> str:
     """A lease owner name unique to this process: host, pid and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    _OWN_OWNERS.add(owner)
+    return owner
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when a process with this id exists on this host (``kill(pid, 0)``); our own pid counts
+    as gone, because a lease of it not made by this process is an earlier process's (restarted
+    with the same pid)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def reclaim_dead_leases(db: jobs.Database, audit: audit_log.AuditLog = audit_log.NULL) -> int:
+    """At start: take back at once the jobs leased by an earlier process of this host that is
+    gone (crash, SIGKILL), instead of after ``batch.lease_seconds``; returns how many."""
+    found = jobs.reclaim_dead_leases(db, socket.gethostname(), _pid_alive, exclude=_OWN_OWNERS)
+    for owner, n in found.items():
+        log.info("took back %d job(s) leased by %s, a process of this host that is gone", n, owner)
+        audit.record("leases_reclaimed", owner=owner, jobs=n)
+    return sum(found.values())
 
 
 @dataclass

@@ -140,6 +140,7 @@ class BatchScheduler:
     def start(self) -> None:
         """Schedule the batch job, start the sender; run a catch-up batch if one was missed."""
         sc = self.settings.schedule
+        pipeline.reclaim_dead_leases(self.db, self.audit)  # our own crashed process's jobs: now, not in 300 s
         grace = sc.misfire_grace_seconds or None
         self._scheduler.add_job(
             self._run, make_trigger(self.settings), id="batch", max_instances=1, coalesce=True, misfire_grace_time=grace
