@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_parser(sub, _common)
 
+    p = sub.add_parser("purge", help="delete spooled images (PHI) of finished, delivered jobs past storage.retention_days")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.add_argument("--days", type=int, metavar="N", help="older than N days instead of storage.retention_days")
+
     p = sub.add_parser("model", help="the model card: name, version, precision, classes, thresholds, metrics, data")
     _common(p)
     p.add_argument("--model", metavar="DIR", help="a model folder instead of the configured one [model.path]")
@@ -228,6 +233,12 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
                 f"of {report.claimed} claimed in {report.seconds:.1f} s; "
                 f"results sent {sent}, retrying {retrying}, send_failed {failed}"
             )
+            if settings.storage.retention_days or settings.database.retention_days:
+                from worker import retention
+
+                rep = retention.purge(db, spool, settings, audit=audit)
+                if rep.jobs or rep.rows:
+                    print(_purge_line(rep))
             return 0
         import signal
         import threading
@@ -436,6 +447,44 @@ def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
         db.close()
 
 
+def _purge_line(rep: Any) -> str:
+    verb = "would delete" if rep.dry_run else "deleted"
+    out = (f"purge{' (dry run)' if rep.dry_run else ''}: {verb} {rep.images} image(s) and {rep.results} result "
+           f"object(s) of {rep.jobs} job(s), {rep.bytes / 2**20:.1f} MB")
+    if rep.cutoff is not None:
+        out += f" (finished and delivered before {jobs.iso(rep.cutoff)})"
+    if rep.rows_cutoff is not None:
+        out += f"; {verb} {rep.rows} row(s) and {rep.events} intake event(s) from before {jobs.iso(rep.rows_cutoff)}"
+    else:
+        out += "; rows kept"
+    return out
+
+
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    """Delete spooled images and result objects past ``storage.retention_days`` (and rows past
+    ``database.retention_days``) now; ``--dry-run`` only counts."""
+    from worker import audit as audit_log
+    from worker import retention
+    from worker.spool import Spool
+
+    days = settings.storage.retention_days if args.days is None else args.days
+    if days < 0:
+        raise CommandError(f"--days must be >= 1, got {days}")
+    if days == 0:
+        raise CommandError("storage.retention_days is 0 (images are kept for ever): set it, or pass --days N")
+    db = _open_existing(settings)
+    audit = audit_log.AuditLog(None if args.dry_run else settings.storage.audit_path)
+    try:
+        st = settings.storage
+        spool = Spool(st.spool_path, reserve_bytes=st.disk_reserve_mb * 2**20, fsync=st.fsync)
+        rep = retention.purge(db, spool, settings, days=days, dry_run=args.dry_run, audit=audit)
+    finally:
+        audit.close()
+        db.close()
+    print(_purge_line(rep))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker import demo
 
@@ -471,6 +520,7 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "demo": cmd_demo,
     "model": cmd_model,
+    "purge": cmd_purge,
 }
 
 

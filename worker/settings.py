@@ -68,6 +68,7 @@ class StorageSettings:
     disk_reserve_mb: int = 1024
     fsync: bool = True
     audit_log: Path | None = None
+    retention_days: int = 0
 
     @property
     def audit_path(self) -> Path:
@@ -85,6 +86,13 @@ class StorageSettings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """How long the triage database keeps rows (the database itself is ``storage.database_url``)."""
+
+    retention_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,7 @@ class Settings:
 
     listener: ListenerSettings = field(default_factory=ListenerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
@@ -200,6 +209,7 @@ class Settings:
 _SECTIONS: dict[str, type] = {
     "listener": ListenerSettings,
     "storage": StorageSettings,
+    "database": DatabaseSettings,
     "model": ModelSettings,
     "batch": BatchSettings,
     "schedule": ScheduleSettings,
@@ -288,6 +298,15 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"listener.{key}: {path} is not a readable file")
     if s.storage.disk_reserve_mb < 0:
         raise SettingsError("storage.disk_reserve_mb must be >= 0")
+    if s.storage.retention_days < 0:
+        raise SettingsError(f"storage.retention_days must be >= 0 (0 = keep for ever), got {s.storage.retention_days}")
+    if s.database.retention_days < 0:
+        raise SettingsError(f"database.retention_days must be >= 0 (0 = keep for ever), got {s.database.retention_days}")
+    if s.database.retention_days and not 0 < s.storage.retention_days <= s.database.retention_days:
+        raise SettingsError(
+            f"database.retention_days ({s.database.retention_days}) needs storage.retention_days between 1 and it "
+            f"(got {s.storage.retention_days}): rows outlive the images they describe"
+        )
     if s.model.precision not in (None, "f32", "bf16", "f16", "int8"):
         raise SettingsError(f"model.precision must be one of f32, bf16, f16, int8, got {s.model.precision!r}")
     if s.model.max_image_mb < 1:
