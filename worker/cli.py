@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_parser(sub, _common)
 
+    p = sub.add_parser("rescreen", help="put finished jobs back in the queue by filter (e.g. after a model upgrade)")
+    _common(p)
+    p.add_argument("--state", action="append", choices=["done", "skipped", "failed"], help="repeatable (default: all three)")
+    p.add_argument("--since", metavar="WHEN", help="received at or after (ISO 8601 date or time, UTC)")
+    p.add_argument("--until", metavar="WHEN", help="received before (ISO 8601 date or time, UTC)")
+    p.add_argument("--class", dest="predicted_class", metavar="NAME", help="predicted class")
+    p.add_argument("--model-version", metavar="V", help="screened by this model version")
+    p.add_argument("--sop", metavar="UID", help="this SOP Instance UID")
+    p.add_argument("--all", action="store_true", help="every finished job (no filter)")
+    p.add_argument("--dry-run", action="store_true", help="only count")
+
     p = sub.add_parser("purge", help="delete spooled images (PHI) of finished, delivered jobs past storage.retention_days")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
@@ -447,6 +458,44 @@ def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
         db.close()
 
 
+def cmd_rescreen(args: argparse.Namespace, settings: Settings) -> int:
+    """Finished jobs back to ``queued``: a running node screens them with its model; the same model
+    version re-sends the same objects, a new one makes new objects (new UIDs) beside the old."""
+    from worker import audit as audit_log
+
+    given = [args.state, args.since, args.until, args.predicted_class, args.model_version, args.sop]
+    if not args.all and not any(given):
+        raise CommandError("name the jobs: --state, --since, --until, --class, --model-version, --sop, or --all")
+    flt = jobs.RescreenFilter(
+        states=tuple(args.state or ("done", "skipped", "failed")),
+        since=_parse_when(args.since, "--since") if args.since else None,
+        until=_parse_when(args.until, "--until") if args.until else None,
+        predicted_class=args.predicted_class, model_version=args.model_version, sop_instance_uid=args.sop,
+    )
+    db = _open_existing(settings)
+    try:
+        if args.predicted_class:
+            _check_class(args.predicted_class, settings, db)
+        spool_root = settings.storage.spool_path
+
+        def has_image(rel: str) -> bool:
+            return (spool_root / rel).is_file()
+
+        queued, missing = jobs.rescreen(db, flt, has_image, dry_run=args.dry_run)
+    finally:
+        db.close()
+    if not args.dry_run and queued:
+        audit = audit_log.AuditLog(settings.storage.audit_path)
+        audit.record("rescreen_requested", jobs=len(queued), purged=len(missing), states=list(flt.states),
+                     since=args.since, until=args.until, predicted_class=args.predicted_class,
+                     model_version=args.model_version, sop_instance_uid=args.sop)
+        audit.close()
+    verb = "would queue" if args.dry_run else "queued"
+    print(f"{verb} {len(queued)} job(s) again for screening"
+          + (f"; {len(missing)} left as they are: their image is no longer in the spool (purged)" if missing else ""))
+    return 0
+
+
 def _purge_line(rep: Any) -> str:
     verb = "would delete" if rep.dry_run else "deleted"
     out = (f"purge{' (dry run)' if rep.dry_run else ''}: {verb} {rep.images} image(s) and {rep.results} result "
@@ -521,6 +570,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "model": cmd_model,
     "purge": cmd_purge,
+    "rescreen": cmd_rescreen,
 }
 
 

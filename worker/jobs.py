@@ -670,6 +670,80 @@ def reclaim_dead_leases(
     return found
 
 
+@dataclass(frozen=True)
+class PreviousResult:
+    """What a job's row still says about its last screening (kept while it is screened again)."""
+
+    model_name: str
+    model_version: str
+    predicted_class: str
+    probabilities: dict[str, float]
+    priority: str | None
+    triage_reason: str | None
+
+
+def previous_results(db: Database, job_ids: Sequence[int]) -> dict[int, PreviousResult]:
+    """The earlier results of jobs (re-screened ones: :func:`rescreen` keeps them), by job id."""
+    if not job_ids:
+        return {}
+    out: dict[int, PreviousResult] = {}
+    with db.sessions() as s:
+        for r in s.scalars(select(Instance).where(Instance.id.in_(list(job_ids)), Instance.probabilities.is_not(None))):
+            if r.model_name and r.model_version and r.predicted_class:
+                out[r.id] = PreviousResult(r.model_name, r.model_version, r.predicted_class, dict(r.probabilities or {}),
+                                           r.priority, r.triage_reason)
+    return out
+
+
+@dataclass(frozen=True)
+class RescreenFilter:
+    """Which finished jobs ``cxr-triage rescreen`` puts back in the queue (all given criteria apply)."""
+
+    states: tuple[str, ...] = (State.DONE.value, State.SKIPPED.value, State.FAILED.value)
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    predicted_class: str | None = None
+    model_version: str | None = None
+    sop_instance_uid: str | None = None
+
+
+def rescreen(
+    db: Database, flt: RescreenFilter, has_image: Callable[[str], bool], *, dry_run: bool = False
+) -> tuple[list[str], list[str]]:
+    """Put the finished jobs matching ``flt`` back to ``queued`` (fresh attempts); returns
+    (SOP Instance UIDs queued, those left alone because ``has_image(path)`` is false: purged).
+
+    The previous result (class, probabilities, model) stays on the row until the new screening
+    replaces it, so that the same model version re-sends the very same objects
+    (worker/pipeline.py) and ``query`` shows what was there meanwhile.
+    """
+    finished = {State.DONE.value, State.SKIPPED.value, State.FAILED.value}
+    states = [st for st in flt.states if st in finished]
+    stmt = select(Instance).where(Instance.state.in_(states)).order_by(Instance.id)
+    if flt.since is not None:
+        stmt = stmt.where(Instance.received_at >= flt.since)
+    if flt.until is not None:
+        stmt = stmt.where(Instance.received_at < flt.until)
+    if flt.predicted_class:
+        stmt = stmt.where(Instance.predicted_class == flt.predicted_class)
+    if flt.model_version:
+        stmt = stmt.where(Instance.model_version == flt.model_version)
+    if flt.sop_instance_uid:
+        stmt = stmt.where(Instance.sop_instance_uid == flt.sop_instance_uid)
+    queued: list[str] = []
+    missing: list[str] = []
+    with db.sessions.begin() as s:
+        for row in s.scalars(stmt):
+            if not has_image(row.path):
+                missing.append(row.sop_instance_uid)
+                continue
+            queued.append(row.sop_instance_uid)
+            if not dry_run:
+                row.state, row.attempts, row.reason = State.QUEUED.value, 0, "queued again by cxr-triage rescreen"
+                row.lease_owner = row.lease_expires = row.started_at = row.finished_at = None
+    return queued, missing
+
+
 def release(db: Database, owner: str, job_ids: Sequence[int]) -> None:
     """Give claimed jobs back to the queue untouched (orderly shutdown mid-batch)."""
     if not job_ids:

@@ -144,6 +144,11 @@ def run_batch(
 
     outcomes: dict[int, Outcome] = {}
     ready: list[tuple[jobs.Claimed, Dataset, np.ndarray, dict[str, float]]] = []
+    # re-screened jobs (cxr-triage rescreen) whose result by this very model version is still in
+    # the spool: that object is sent again as it is (same UIDs, same bytes), not rebuilt
+    previous = jobs.previous_results(db, [job.id for job in claimed])
+    deliveries: dict[int, list[jobs.NewDelivery]] = {}
+    reused: set[int] = set()
     for job in claimed:
         timing: dict[str, float] = {}
 
@@ -170,6 +175,17 @@ def run_batch(
         stage["filter"] += time.perf_counter() - t
         if reason:
             outcomes[job.id] = Outcome(job.id, State.SKIPPED, reason, timings=timing)
+            continue
+        same = _same_version_result(job, ds, previous.get(job.id), card, spool, settings)
+        if same is not None:
+            prev, items = same
+            deliveries[job.id] = items
+            reused.add(job.id)
+            outcomes[job.id] = Outcome(
+                job.id, State.DONE, predicted_class=prev.predicted_class, probabilities=prev.probabilities,
+                priority=prev.priority, triage_reason=prev.triage_reason,
+                timings={k: round(v, 3) for k, v in timing.items()},
+            )
             continue
 
         # 4. preprocess: the same code training uses
@@ -208,7 +224,6 @@ def run_batch(
         per_image_ms = (time.perf_counter() - t) * 1e3 / max(len(ready), 1)
 
     # 6. triage each image and build its result objects (durable in the spool before the commit)
-    deliveries: dict[int, list[jobs.NewDelivery]] = {}
     storage_errors = 0
     destinations = settings.result_destinations
     t = time.perf_counter()
@@ -272,7 +287,8 @@ def run_batch(
                      predicted_class=o.predicted_class, priority=o.priority, model_version=card.version)
         for d in deliveries.get(o.job_id, []) if o.state is State.DONE else []:
             audit.record("result_produced", source_sop_instance_uid=uids[o.job_id], kind=d.kind,
-                         sop_instance_uid=d.sop_instance_uid, destination=d.destination)
+                         sop_instance_uid=d.sop_instance_uid, destination=d.destination,
+                         reused=True if o.job_id in reused else None)
 
     # 8. send what is due (this batch's results, and retries that have come due)
     t = time.perf_counter()
@@ -300,6 +316,39 @@ def run_batch(
         report.claimed, report.done, report.skipped, report.failed, report.seconds,
     )
     return report
+
+
+def _same_version_result(
+    job: jobs.Claimed, ds: Dataset, prev: jobs.PreviousResult | None, card: object, spool: Spool, settings: Settings
+) -> tuple[jobs.PreviousResult, list[jobs.NewDelivery]] | None:
+    """The deliveries that re-send this job's stored result objects unchanged, when its previous
+    result came from the model screening now (name and version) and every object this node sends
+    (SR, and SC when enabled) is still in the spool; else None (screen and build anew).
+
+    Result UIDs depend on the source and the model version only (results.result_uids), so a new
+    version makes new objects and this one re-sends the objects the PACS already has.
+    """
+    name, version = getattr(card, "name", None), getattr(card, "version", None)
+    if prev is None or (prev.model_name, prev.model_version) != (name, version):
+        return None
+    study = str(ds.get("StudyInstanceUID", "") or "")
+    if not study:
+        return None
+    uids = results.result_uids(job.sop_instance_uid, study, str(name), str(version))
+    kinds = [("sr", str(uids.sr_instance))]
+    if settings.send.secondary_capture:
+        kinds.append(("sc", str(uids.sc_instance)))
+    items: list[jobs.NewDelivery] = []
+    for kind, uid in kinds:
+        rel = Spool.result_relpath_for(uid)
+        try:
+            stored = dcmread(spool.path(rel), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        except (OSError, ValueError, InvalidDicomError, EOFError, KeyError):
+            return None  # gone (purged) or unreadable: build anew
+        if str(stored.get("SOPInstanceUID", "")) != uid:
+            return None
+        items += [jobs.NewDelivery(d.name, kind, str(stored.SOPClassUID), uid, rel) for d in settings.result_destinations]
+    return prev, items
 
 
 def _truncated_element(ds: Dataset) -> str | None:
