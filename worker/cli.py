@@ -1,18 +1,21 @@
 """``cxr-triage``: one command, with subcommands; each entry is ``main(argv=None) -> int``.
 
-Subcommands: ``model`` (the model card for people), ``demo`` (the main job end to end on the shipped samples), ``serve`` (listener + batches), ``batch`` (batches only; ``--once`` drains the
-queue, sends what is due and exits, for cron or systemd timers), ``query`` and ``status`` (the
-triage database), ``resend`` (failed deliveries back to the queue), ``migrate`` (schema
-upgrade; also done on every start).
+Subcommands: ``demo`` (the main job end to end on the shipped samples), ``serve`` (listener +
+batches), ``batch`` (batches only; ``--once`` drains the queue, sends what is due and exits, for
+cron or systemd timers), ``query`` and ``status`` (the triage database), ``resend`` (failed
+deliveries back to the queue), ``migrate`` (schema upgrade; also done on every start); and in
+worker/maintenance.py ``rescreen`` (finished jobs back to the queue), ``purge`` (the data
+lifecycle) and ``model`` (the model card for people). ``--version`` prints the version.
 
-Exit status: 0 success, 1 runtime failure, 2 bad usage or configuration.
+Exit status: 0 success, 1 runtime failure, 2 bad usage, configuration or a failed start-up check
+(one line each: configuration errors name the setting, see worker/preflight.py and
+worker/commandline.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import json
 import logging
 import sys
@@ -22,6 +25,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from worker import jobs
+from worker.commandline import CommandError, check_class, open_existing, parse_when
+from worker.maintenance import purge_line, cmd_model, cmd_purge, cmd_rescreen
 from worker.modelcard import ModelCardError
 from worker.settings import Settings, SettingsError, load_settings
 
@@ -156,54 +161,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config or default_config_file(), overrides)
 
 
-class CommandError(Exception):
-    """A command cannot do what was asked (a missing database, a bad argument): one line, exit 2."""
-
-
-def _open_existing(settings: Settings) -> jobs.Database:
-    """The node's database for a read-only command: never created here (a new empty database
-    would report "nothing waiting" for a node whose real queue is elsewhere)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
-
-    st = settings.storage
-    hint = "pass --data-dir DIR or --database URL of the node, or --config FILE"
-    if st.database_url is None:
-        path = (st.data_dir / "triage.db").resolve()
-        if not path.is_file():
-            raise CommandError(f"no triage database at {path} (storage.data_dir = {st.data_dir}); {hint}")
-        where = str(path)
-    else:
-        where = make_url(st.database_url).render_as_string(hide_password=True)
-    db = jobs.Database.open(st.url, upgrade=False)
-    try:
-        revision = jobs.current_revision(db.engine)
-        if revision is None:
-            raise CommandError(f"{where} is not a cxr-triage database (no schema); {hint}")
-        if revision != jobs.HEAD_REVISION:
-            jobs.migrate(db.engine)
-    except SQLAlchemyError as exc:
-        db.close()
-        detail = str(exc.orig if getattr(exc, "orig", None) is not None else exc).strip().splitlines()[0]
-        raise CommandError(f"cannot open the triage database {where}: {detail}") from None
-    except CommandError:
-        db.close()
-        raise
-    return db
-
-
 def _setup_logging(settings: Settings) -> None:
     from worker import logs
 
     logs.configure(settings.log_level, settings.log_format)
-
-
-def _parse_when(text: str, name: str) -> dt.datetime:
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise CommandError(f"{name}: {text!r} is not an ISO 8601 date or time") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -249,7 +210,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
 
                 rep = retention.purge(db, spool, settings, audit=audit)
                 if rep.jobs or rep.rows:
-                    print(_purge_line(rep))
+                    print(purge_line(rep))
             return 0
         import signal
         import threading
@@ -276,9 +237,9 @@ def _query_rows(args: argparse.Namespace, db: jobs.Database) -> list[dict[str, A
     if args.events:
         stmt = select(jobs.IntakeEvent).order_by(jobs.IntakeEvent.id)
         if args.since:
-            stmt = stmt.where(jobs.IntakeEvent.at >= _parse_when(args.since, "--since"))
+            stmt = stmt.where(jobs.IntakeEvent.at >= parse_when(args.since, "--since"))
         if args.until:
-            stmt = stmt.where(jobs.IntakeEvent.at < _parse_when(args.until, "--until"))
+            stmt = stmt.where(jobs.IntakeEvent.at < parse_when(args.until, "--until"))
     else:
         I = jobs.Instance
         stmt = select(I).order_by(I.id)
@@ -291,9 +252,9 @@ def _query_rows(args: argparse.Namespace, db: jobs.Database) -> list[dict[str, A
         if args.min_probability is not None:
             stmt = stmt.where(I.top_probability >= args.min_probability)
         if args.since:
-            stmt = stmt.where(I.received_at >= _parse_when(args.since, "--since"))
+            stmt = stmt.where(I.received_at >= parse_when(args.since, "--since"))
         if args.until:
-            stmt = stmt.where(I.received_at < _parse_when(args.until, "--until"))
+            stmt = stmt.where(I.received_at < parse_when(args.until, "--until"))
         if args.study:
             stmt = stmt.where(I.study_instance_uid == args.study)
         if args.accession:
@@ -329,34 +290,15 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def _check_class(name: str, settings: Settings, db: jobs.Database) -> None:
-    """``--class`` must be a class of the configured model (or one recorded in the database by an
-    earlier model); a typo would otherwise print an empty table that reads as "none found"."""
-    from worker.modelcard import ModelCard
-    from worker.node import model_dir
-
-    with db.sessions() as s:
-        recorded = {c for c in s.scalars(select(jobs.Instance.predicted_class).distinct()) if c}
-    try:
-        card = ModelCard.load(model_dir(settings), verify_hash=False)
-        model_classes, model = list(card.classes), f"model {card.name} {card.version}"
-    except (SettingsError, ModelCardError):
-        model_classes, model = [], "no model found"
-    if name in model_classes or name in recorded:
-        return
-    known = model_classes + sorted(recorded - set(model_classes))
-    raise CommandError(f"--class {name!r} is not a class of {model} (classes: {', '.join(known) or 'none'})")
-
-
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     if args.min_probability is not None and not 0.0 <= args.min_probability <= 1.0:
         raise CommandError(f"--min-probability must be a probability in [0, 1], got {args.min_probability:g}")
     if args.limit < 0:
         raise CommandError(f"--limit must be >= 0 (0 = all), got {args.limit}")
-    db = _open_existing(settings)
+    db = open_existing(settings)
     try:
         if args.predicted_class and not args.events:
-            _check_class(args.predicted_class, settings, db)
+            check_class(args.predicted_class, settings, db)
         rows = _query_rows(args, db)
     finally:
         db.close()
@@ -392,7 +334,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    db = _open_existing(settings)
+    db = open_existing(settings)
     try:
         counts = jobs.counts(db)
         oldest = jobs.oldest_waiting(db)
@@ -432,7 +374,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
-    db = _open_existing(settings)
+    db = open_existing(settings)
     try:
         if args.to:
             with db.sessions() as s:
@@ -458,98 +400,10 @@ def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
         db.close()
 
 
-def cmd_rescreen(args: argparse.Namespace, settings: Settings) -> int:
-    """Finished jobs back to ``queued``: a running node screens them with its model; the same model
-    version re-sends the same objects, a new one makes new objects (new UIDs) beside the old."""
-    from worker import audit as audit_log
-
-    given = [args.state, args.since, args.until, args.predicted_class, args.model_version, args.sop]
-    if not args.all and not any(given):
-        raise CommandError("name the jobs: --state, --since, --until, --class, --model-version, --sop, or --all")
-    flt = jobs.RescreenFilter(
-        states=tuple(args.state or ("done", "skipped", "failed")),
-        since=_parse_when(args.since, "--since") if args.since else None,
-        until=_parse_when(args.until, "--until") if args.until else None,
-        predicted_class=args.predicted_class, model_version=args.model_version, sop_instance_uid=args.sop,
-    )
-    db = _open_existing(settings)
-    try:
-        if args.predicted_class:
-            _check_class(args.predicted_class, settings, db)
-        spool_root = settings.storage.spool_path
-
-        def has_image(rel: str) -> bool:
-            return (spool_root / rel).is_file()
-
-        queued, missing = jobs.rescreen(db, flt, has_image, dry_run=args.dry_run)
-    finally:
-        db.close()
-    if not args.dry_run and queued:
-        audit = audit_log.AuditLog(settings.storage.audit_path)
-        audit.record("rescreen_requested", jobs=len(queued), purged=len(missing), states=list(flt.states),
-                     since=args.since, until=args.until, predicted_class=args.predicted_class,
-                     model_version=args.model_version, sop_instance_uid=args.sop)
-        audit.close()
-    verb = "would queue" if args.dry_run else "queued"
-    print(f"{verb} {len(queued)} job(s) again for screening"
-          + (f"; {len(missing)} left as they are: their image is no longer in the spool (purged)" if missing else ""))
-    return 0
-
-
-def _purge_line(rep: Any) -> str:
-    verb = "would delete" if rep.dry_run else "deleted"
-    out = (f"purge{' (dry run)' if rep.dry_run else ''}: {verb} {rep.images} image(s) and {rep.results} result "
-           f"object(s) of {rep.jobs} job(s), {rep.bytes / 2**20:.1f} MB")
-    if rep.cutoff is not None:
-        out += f" (finished and delivered before {jobs.iso(rep.cutoff)})"
-    if rep.rows_cutoff is not None:
-        out += f"; {verb} {rep.rows} row(s) and {rep.events} intake event(s) from before {jobs.iso(rep.rows_cutoff)}"
-    else:
-        out += "; rows kept"
-    return out
-
-
-def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
-    """Delete spooled images and result objects past ``storage.retention_days`` (and rows past
-    ``database.retention_days``) now; ``--dry-run`` only counts."""
-    from worker import audit as audit_log
-    from worker import retention
-    from worker.spool import Spool
-
-    days = settings.storage.retention_days if args.days is None else args.days
-    if days < 0:
-        raise CommandError(f"--days must be >= 1, got {days}")
-    if days == 0:
-        raise CommandError("storage.retention_days is 0 (images are kept for ever): set it, or pass --days N")
-    db = _open_existing(settings)
-    audit = audit_log.AuditLog(None if args.dry_run else settings.storage.audit_path)
-    try:
-        st = settings.storage
-        spool = Spool(st.spool_path, reserve_bytes=st.disk_reserve_mb * 2**20, fsync=st.fsync)
-        rep = retention.purge(db, spool, settings, days=days, dry_run=args.dry_run, audit=audit)
-    finally:
-        audit.close()
-        db.close()
-    print(_purge_line(rep))
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker import demo
 
     return demo.run(args, settings)
-
-
-def cmd_model(args: argparse.Namespace, settings: Settings) -> int:
-    """Print the card of the model the node screens with (``model.path``, else the packaged default)."""
-    from worker.modelcard import ModelCard
-    from worker.modelsummary import summary_lines
-    from worker.node import model_dir
-
-    card = ModelCard.load(model_dir(settings))
-    for line in summary_lines(card):
-        print(line)
-    return 0
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

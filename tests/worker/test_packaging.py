@@ -12,7 +12,7 @@ WORKER_MODULES = [
     "worker.cli", "worker.settings", "worker.listener", "worker.spool", "worker.jobs", "worker.imaging",
     "worker.filters", "worker.modelcard", "worker.engine", "worker.pipeline", "worker.scheduler", "worker.node",
     "worker.toymodel", "worker.results", "worker.sender", "worker.demo", "worker.preflight", "worker.logs",
-    "worker.modelsummary",
+    "worker.modelsummary", "worker.retention", "worker.commandline", "worker.maintenance",
 ]
 
 
