@@ -158,7 +158,9 @@ def _settings(args: argparse.Namespace) -> Settings:
             overrides[key] = getattr(args, flag)
     from worker.settings import default_config_file
 
-    return load_settings(args.config or default_config_file(), overrides)
+    # not for the demo: it must not take a production node's destinations (its PACS) from the host
+    default = default_config_file() if args.command != "demo" else None
+    return load_settings(args.config or default, overrides)
 
 
 def _setup_logging(settings: Settings) -> None:

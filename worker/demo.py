@@ -281,6 +281,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     log_path = data_dir / "node.log"
     _say(f"starting the node: {aet} on {host}:{port} (log: {log_path})")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("CXR_TRIAGE_CONFIG", "")  # never the host's /etc/cxr-triage/node.toml (a production node's PACS)
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:

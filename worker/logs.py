@@ -24,8 +24,11 @@ import sys
 
 __all__ = ["LIBRARY_LOGGERS", "JsonFormatter", "configure"]
 
-#: Loggers of libraries, held at WARNING unless the level is DEBUG.
-LIBRARY_LOGGERS = ("apscheduler", "alembic", "highdicom", "pynetdicom", "pydicom", "sqlalchemy", "PIL", "openvino")
+#: Loggers of libraries, held at WARNING unless the level is DEBUG. (SQLAlchemy holds its own at
+#: WARNING by default; its SQL echo stays off at DEBUG too.)
+LIBRARY_LOGGERS = ("apscheduler", "alembic", "highdicom", "pynetdicom", "pydicom", "PIL", "openvino")
+#: The levels the library loggers had before we quietened them (restored at DEBUG).
+_QUIETENED: dict[str, int] = {}
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -57,13 +60,21 @@ _OVERLAP_FILTER = _DropOverlapSkips()
 
 
 def configure(level: str, fmt: str = "text") -> None:
-    """Set up the root logger on stderr; libraries at WARNING unless ``level`` is DEBUG."""
+    """Set up the root logger on stderr; libraries at WARNING unless ``level`` is DEBUG.
+
+    Like :func:`logging.basicConfig`, this does nothing when the root logger already has
+    handlers of someone else (a host application, pytest's log capture); a second call replaces
+    the handler of the first.
+    """
     level = level.upper()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
+    if any(not getattr(h, "_cxr_triage", False) for h in root.handlers):
+        return
     for h in list(root.handlers):
         root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._cxr_triage = True  # type: ignore[attr-defined]
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
     quiet = level != "DEBUG"
@@ -72,5 +83,9 @@ def configure(level: str, fmt: str = "text") -> None:
     if quiet:
         scheduler_log.addFilter(_OVERLAP_FILTER)
     for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING if quiet and logging.getLevelName(level) < logging.WARNING
-                                         else logging.NOTSET)
+        lib = logging.getLogger(name)
+        if quiet and logging.getLevelName(level) < logging.WARNING:
+            _QUIETENED.setdefault(name, lib.level)
+            lib.setLevel(logging.WARNING)
+        elif name in _QUIETENED:
+            lib.setLevel(_QUIETENED.pop(name))

@@ -342,3 +342,17 @@ def test_query_table_shows_the_delivery_error(tmp_path: Path, toy_model: Path) -
     r = _cli("query", "--data-dir", str(data_dir), cwd=tmp_path)
     head, _, line, *_ = r.stdout.splitlines()
     assert head.split()[-1] == "send_error" and line.rstrip().endswith(d["last_error"])
+
+
+def test_the_demo_never_takes_the_hosts_node_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a node's host, /etc/cxr-triage/node.toml names the production PACS: the demo must not send there."""
+    from worker import settings as settings_mod
+
+    config = tmp_path / "node.toml"
+    config.write_text('destinations = ["PACS@10.0.0.5:104"]\n')
+    monkeypatch.setattr(settings_mod, "DEFAULT_CONFIG_FILE", config)
+    for k in [k for k in os.environ if k.startswith("CXR_TRIAGE_")]:
+        monkeypatch.delenv(k)
+    assert cli._settings(cli.build_parser().parse_args(["demo"])).destinations is None
+    (dest,) = cli._settings(cli.build_parser().parse_args(["status"])).destinations
+    assert dest.host == "10.0.0.5"
