@@ -1,18 +1,21 @@
 """``cxr-triage``: one command, with subcommands; each entry is ``main(argv=None) -> int``.
 
-Subcommands: ``demo`` (the main job end to end on the shipped samples), ``serve`` (listener + batches), ``batch`` (batches only; ``--once`` drains the
-queue, sends what is due and exits, for cron or systemd timers), ``query`` and ``status`` (the
-triage database), ``resend`` (failed deliveries back to the queue), ``migrate`` (schema
-upgrade; also done on every start).
+Subcommands: ``demo`` (the main job end to end on the shipped samples), ``serve`` (listener +
+batches), ``batch`` (batches only; ``--once`` drains the queue, sends what is due and exits, for
+cron or systemd timers), ``query`` and ``status`` (the triage database), ``resend`` (failed
+deliveries back to the queue), ``migrate`` (schema upgrade; also done on every start); and in
+worker/maintenance.py ``rescreen`` (finished jobs back to the queue), ``purge`` (the data
+lifecycle) and ``model`` (the model card for people). ``--version`` prints the version.
 
-Exit status: 0 success, 1 runtime failure, 2 bad usage or configuration.
+Exit status: 0 success, 1 runtime failure, 2 bad usage, configuration or a failed start-up check
+(one line each: configuration errors name the setting, see worker/preflight.py and
+worker/commandline.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import json
 import logging
 import sys
@@ -22,6 +25,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from worker import jobs
+from worker.commandline import CommandError, check_class, open_existing, parse_when
+from worker.maintenance import purge_line, cmd_model, cmd_purge, cmd_rescreen
 from worker.modelcard import ModelCardError
 from worker.priority import PRIORITIES
 from worker.settings import Settings, SettingsError, load_settings
@@ -34,6 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="spool and SQLite database folder [storage.data_dir]")
     p.add_argument("--database", metavar="URL", help="SQLAlchemy URL, e.g. postgresql+psycopg://... [storage.database_url]")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR [log_level]")
+    p.add_argument("--log-format", choices=["text", "json"], help="one JSON object per line with json [log_format]")
 
 
 def _node_options(p: argparse.ArgumentParser) -> None:
@@ -50,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cxr-triage",
         description="Chest X-ray triage node: DICOM intake, durable queue, OpenVINO screening, results to PACS.",
     )
+    parser.add_argument("--version", action="version", version=f"cxr-triage {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="receive DICOM and screen it (listener + batch scheduler)")
@@ -100,9 +107,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_parser(sub, _common)
 
+    p = sub.add_parser("rescreen", help="put finished jobs back in the queue by filter (e.g. after a model upgrade)")
+    _common(p)
+    p.add_argument("--state", action="append", choices=["done", "skipped", "failed"], help="repeatable (default: all three)")
+    p.add_argument("--since", metavar="WHEN", help="received at or after (ISO 8601 date or time, UTC)")
+    p.add_argument("--until", metavar="WHEN", help="received before (ISO 8601 date or time, UTC)")
+    p.add_argument("--class", dest="predicted_class", metavar="NAME", help="predicted class")
+    p.add_argument("--model-version", metavar="V", help="screened by this model version")
+    p.add_argument("--sop", metavar="UID", help="this SOP Instance UID")
+    p.add_argument("--all", action="store_true", help="every finished job (no filter)")
+    p.add_argument("--dry-run", action="store_true", help="only count")
+
+    p = sub.add_parser("purge", help="delete spooled images (PHI) of finished, delivered jobs past storage.retention_days")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.add_argument("--days", type=int, metavar="N", help="older than N days instead of storage.retention_days")
+
+    p = sub.add_parser("model", help="the model card: name, version, precision, classes, thresholds, metrics, data")
+    _common(p)
+    p.add_argument("--model", metavar="DIR", help="a model folder instead of the configured one [model.path]")
+
     p = sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
     _common(p)
     return parser
+
+
+def package_version() -> str:
+    """The installed package's version (``pyproject.toml``), or ``unknown`` in a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxr-triage")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -110,6 +147,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "storage.data_dir": args.data_dir,
         "storage.database_url": args.database,
         "log_level": args.log_level,
+        "log_format": args.log_format,
     }
     for flag, key in (
         ("model", "model.path"),
@@ -124,23 +162,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     ):
         if hasattr(args, flag):
             overrides[key] = getattr(args, flag)
-    return load_settings(args.config, overrides)
+    from worker.settings import default_config_file
+
+    # not for the demo: it must not take a production node's destinations (its PACS) from the host
+    default = default_config_file() if args.command != "demo" else None
+    return load_settings(args.config or default, overrides)
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from worker import logs
 
-
-def _parse_when(text: str, name: str) -> dt.datetime:
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise SettingsError(f"{name}: {text!r} is not an ISO 8601 date or time") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    logs.configure(settings.log_level, settings.log_format)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -154,8 +186,10 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
 
     from worker import audit as audit_log
     from worker import pipeline, sender
+    from worker import preflight
     from worker.node import load_engine, open_storage, sd_notify
 
+    preflight.check_storage(settings)  # before the model loads
     engine = load_engine(settings)
     db, spool = open_storage(settings)
     audit = audit_log.AuditLog(settings.storage.audit_path)
@@ -163,6 +197,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
                  model_version=engine.card.version, model_sha256=engine.card.bin_sha256)
     try:
         if args.once:
+            pipeline.reclaim_dead_leases(db, audit)  # an earlier run of this host that died mid-batch
             # results go out from a background thread while the next batches are screened
             bg = sender.BackgroundSender(db, spool, settings, audit=audit).start()
             try:
@@ -178,6 +213,12 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
                 f"of {report.claimed} claimed in {report.seconds:.1f} s; "
                 f"results sent {sent}, retrying {retrying}, send_failed {failed}"
             )
+            if settings.storage.retention_days or settings.database.retention_days:
+                from worker import retention
+
+                rep = retention.purge(db, spool, settings, audit=audit)
+                if rep.jobs or rep.rows:
+                    print(purge_line(rep))
             return 0
         import signal
         import threading
@@ -203,8 +244,8 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
 def _query_rows(args: argparse.Namespace, db: jobs.Database) -> list[dict[str, Any]]:
     from worker import worklist
 
-    since = _parse_when(args.since, "--since") if args.since else None
-    until = _parse_when(args.until, "--until") if args.until else None
+    since = parse_when(args.since, "--since") if args.since else None
+    until = parse_when(args.until, "--until") if args.until else None
     if args.events:
         return worklist.events(db, since=since, until=until, limit=args.limit)
     return worklist.rows(db, worklist.Filters(
@@ -229,8 +270,14 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
-    db = jobs.Database.open(settings.storage.url)
+    if args.min_probability is not None and not 0.0 <= args.min_probability <= 1.0:
+        raise CommandError(f"--min-probability must be a probability in [0, 1], got {args.min_probability:g}")
+    if args.limit < 0:
+        raise CommandError(f"--limit must be >= 0 (0 = all), got {args.limit}")
+    db = open_existing(settings)
     try:
+        if args.predicted_class and not args.events:
+            check_class(args.predicted_class, settings, db)
         rows = _query_rows(args, db)
     finally:
         db.close()
@@ -253,24 +300,28 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     if args.events:
         _print_table(rows, ["at", "kind", "status", "calling_ae", "sop_instance_uid", "reason"])
     else:
+        for r in rows:  # why a result is not delivered yet, or never will be (also in --format json: deliveries)
+            errors = [d["last_error"] for d in r["deliveries"] if d["state"] != jobs.SendState.SENT.value and d["last_error"]]
+            r["send_error"] = "; ".join(dict.fromkeys(errors)) or None
         _print_table(
             rows,
             ["sop_instance_uid", "state", "predicted_class", "probability", "priority", "send_state", "received_at",
-             "reason"],
+             "reason", "send_error"],
         )
     print(f"({len(rows)} rows)")
     return 0
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    db = jobs.Database.open(settings.storage.url)
+    db = open_existing(settings)
     try:
         counts = jobs.counts(db)
         oldest = jobs.oldest_waiting(db)
         sends = jobs.delivery_counts(db)
         by_priority = jobs.priority_counts(db)
         with db.sessions() as s:
-            refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind != "duplicate")) or 0
+            refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind.not_in(["duplicate", "ignored"]))) or 0
+            ignored = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind == "ignored")) or 0
     finally:
         db.close()
     out = {
@@ -278,6 +329,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         "total": sum(counts.values()),
         "intake_refusals": refused,
         "priorities": {p: by_priority.get(p, 0) for p in PRIORITIES},
+        "intake_ignored": ignored,
         "deliveries": {st.value: sends.get(st.value, 0) for st in jobs.SendState},
         "oldest_waiting": None,
     }
@@ -292,6 +344,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{'total':<10}{out['total']:>8}")
     print("screened by priority: " + ", ".join(f"{k} {v}" for k, v in out["priorities"].items()))
     print(f"intake refusals and conflicts: {refused}")
+    if ignored:
+        print(f"ignored (out of scope, not stored): {ignored}")
     print("deliveries: " + ", ".join(f"{k} {v}" for k, v in out["deliveries"].items()))
     if out["oldest_waiting"]:
         o = out["oldest_waiting"]
@@ -302,8 +356,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
-    db = jobs.Database.open(settings.storage.url)
+    db = open_existing(settings)
     try:
+        if args.to:
+            with db.sessions() as s:
+                recorded = set(s.scalars(select(jobs.Delivery.destination).distinct()))
+            configured = [d.name for d in settings.result_destinations]
+            if args.to not in recorded and args.to not in configured:
+                known = configured + sorted(recorded - set(configured))
+                raise CommandError(f"--to {args.to!r} is not a destination (destinations: {', '.join(known) or 'none'})")
         n = jobs.resend(db, sop_instance_uid=args.sop, destination=args.to)
         print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again")
         if args.now and n:
@@ -357,6 +418,9 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "demo": cmd_demo,
     "hash-password": cmd_hash_password,
+    "model": cmd_model,
+    "purge": cmd_purge,
+    "rescreen": cmd_rescreen,
 }
 
 
@@ -393,15 +457,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in UPSTREAM:
         return _upstream(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    from worker.preflight import StartupError
+
     try:
         settings = _settings(args)
         _setup_logging(settings)
         return COMMANDS[args.command](args, settings)
+    except StartupError as exc:
+        print(f"cxr-triage {args.command}: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"cxr-triage {args.command}: {exc}", file=sys.stderr)
+        return 2
     except (SettingsError, ModelCardError) as exc:
         print(f"cxr-triage {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `cxr-triage model | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

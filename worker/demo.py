@@ -219,6 +219,18 @@ def _table(samples: list[Sample], rows: dict[str, dict[str, Any]], classes: list
     return [fmt.format(*head), fmt.format(*["-" * w for w in widths]), *(fmt.format(*b) for b in body)]
 
 
+def _listening_port(log_path: Path, aet: str) -> int | None:
+    """The port the demo's node printed (``cxr-triage listening as AET on port N``), once it has."""
+    import re
+
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    found = re.findall(rf"^cxr-triage listening as {re.escape(aet)} on port (\d+)$", text, re.MULTILINE)
+    return int(found[-1]) if found else None
+
+
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -244,8 +256,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     model_dir = resolve_model_dir(settings)
     card = ModelCard.load(model_dir)
     samples = read_samples(find_samples(Path(args.samples) if args.samples else None))
-    _prepare(data_dir)
     host, port, aet = "127.0.0.1", settings.listener.port, settings.listener.ae_title
+    from worker import preflight
+
+    try:  # another DICOM server on the port would otherwise answer the C-ECHO and get the samples
+        preflight.check_bind("listener", host, port)
+    except preflight.StartupError as exc:
+        raise preflight.StartupError(f"{exc}; pass --port N for the demo's node") from None
+    _prepare(data_dir)
     # Results go to <data-dir>/results unless destinations were given (flags, or the config/env
     # the node inherits).
     default_folder = settings.destinations is None
@@ -265,17 +283,24 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     log_path = data_dir / "node.log"
     _say(f"starting the node: {aet} on {host}:{port} (log: {log_path})")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("CXR_TRIAGE_CONFIG", "")  # never the host's /etc/cxr-triage/node.toml (a production node's PACS)
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + args.start_timeout
-        while not _echo(host, port, aet, timeout=2.0):
+        # Talk only to the node started here: it says on which port it listens once it holds it
+        # (then no other server can), and it must still be running when the C-ECHO is answered.
+        while True:
+            bound = _listening_port(log_path, aet)
+            if bound is not None and proc.poll() is None and _echo(host, bound, aet, timeout=2.0) and proc.poll() is None:
+                port = bound
+                break
             if proc.poll() is not None or time.monotonic() > deadline:
-                _say("the node did not start; the end of its log:")
+                _say(f"the node did not start (exit {proc.poll()}); the end of its log:")
                 print("".join(log_path.read_text(errors="replace").splitlines(True)[-20:]), file=sys.stderr)
                 return 1
             time.sleep(0.5)
-        _say("node is up (C-ECHO answered)")
+        _say(f"node is up on port {port} (C-ECHO answered)")
 
         files = [s.path for s in samples]
         t0 = time.monotonic()

@@ -66,6 +66,36 @@ def _chest_evidence(ds: pydicom.Dataset) -> bool:
     )
 
 
+#: Anatomy other than the chest, as radiography study/series/protocol descriptions name it
+#: (PS3.16 Annex L body parts and their common abbreviations). Whole words only: "HAND" in
+#: "XR HAND LEFT 2 VIEWS", never "HANDLING".
+_OTHER_ANATOMY = re.compile(
+    r"\b(HANDS?|FINGERS?|THUMB|WRISTS?|FOREARM|ELBOWS?|HUMERUS|SHOULDERS?|CLAVICLE|SCAPULA|KNEES?|PATELLA|TIBIA|"
+    r"FIBULA|TIB/FIB|ANKLES?|FOOT|FEET|TOES?|HEEL|CALCANEUS|HIPS?|PELVIS|FEMUR|SACRUM|COCCYX|SPINE|[CLT]-SPINE|"
+    r"CERVICAL|LUMBAR|SKULL|HEAD|FACIAL|SINUS(ES)?|MANDIBLE|NASAL|ORBITS?|ABDOMEN|ABD|KUB|LEG|ARM|BREAST|MAMMO\w*|"
+    r"DENTAL|TEETH|EXTREMITY|SI JOINTS?)\b",
+    re.IGNORECASE,
+)
+_DESCRIPTIONS = ("StudyDescription", "SeriesDescription", "ProtocolName")
+
+
+def _other_anatomy_in_descriptions(ds: pydicom.Dataset) -> str | None:
+    """With Body Part Examined empty: the non-chest body part the descriptions name, if they name
+    one and none of them mentions the chest (e.g. "HAND (StudyDescription)"); else None.
+
+    Only the matched word and the attribute's keyword are returned: descriptions are free text
+    and the reason is stored and audited.
+    """
+    texts = [(kw, _text(ds, kw)) for kw in _DESCRIPTIONS]
+    if any(_CHEST_WORDS.search(t) for _, t in texts):
+        return None
+    for kw, t in texts:
+        m = _OTHER_ANATOMY.search(t)
+        if m:
+            return f"{m.group(0).upper()} ({kw})"
+    return None
+
+
 def _view_code_meaning(ds: pydicom.Dataset) -> str:
     seq = ds.get("ViewCodeSequence", None)
     if not seq:
@@ -87,6 +117,10 @@ def check(ds: pydicom.Dataset) -> str | None:
         without Body Part Examined passes (the tag is optional, Type 2/3, and often empty).
       * A lateral View Code Sequence (DX, C.8.11.5.1) counts as lateral like View Position;
         oblique views (RAO, LAO, ...) are skipped as "oblique view (...)".
+      * With Body Part Examined empty, the Study and Series Descriptions and the Protocol Name are
+        read instead: one naming another body part ("XR HAND LEFT 2 VIEWS") skips the image
+        as "body part HAND (StudyDescription) is not chest ...", unless one of them mentions the
+        chest; descriptions that name no body part ("XR PORTABLE") pass as before.
       * DX "FOR PROCESSING" images (Presentation Intent Type, C.8.11.1.1.1) are raw detector
         data not meant for display; they are skipped.
       * Rules are checked in the order above; the first failing rule gives the reason.
@@ -117,6 +151,10 @@ def check(ds: pydicom.Dataset) -> str | None:
     body_part = _text(ds, "BodyPartExamined")
     if body_part and not _CHEST_BODY_PART.search(body_part):
         return f"body part {body_part.upper()} is not chest"
+    if not body_part:
+        other = _other_anatomy_in_descriptions(ds)
+        if other:
+            return f"body part {other} is not chest (Body Part Examined is empty)"
 
     if _text(ds, "PresentationIntentType").upper() == "FOR PROCESSING":
         return "DX for processing (raw detector data, not for presentation)"

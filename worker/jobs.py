@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -190,7 +190,7 @@ class IntakeEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
-    kind: Mapped[str] = mapped_column(String(32), nullable=False)  # refused | duplicate | duplicate_differs | association_rejected
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)  # refused | duplicate | duplicate_differs | association_rejected | ignored
     status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status returned, if any
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     peer: Mapped[str | None] = mapped_column(String(64))
@@ -623,6 +623,125 @@ def finish(
                     _add_deliveries(s, row.id, deliveries[o.job_id], now)
             applied.add(o.job_id)
     return applied
+
+
+def reclaim_dead_leases(
+    db: Database,
+    host: str,
+    is_alive: Callable[[int], bool],
+    *,
+    exclude: Iterable[str] = (),
+    now: dt.datetime | None = None,
+) -> dict[str, int]:
+    """Expire at once the leases of earlier processes on ``host`` that are gone; {owner: jobs}.
+
+    A lease owner is ``host:pid:suffix`` (:func:`worker.pipeline.worker_id`). A node restarted
+    after a crash would otherwise wait ``batch.lease_seconds`` (300 s) before taking its own dead
+    process's jobs back. Only this host's owners are looked at, since a process id means nothing
+    on another machine; owners in ``exclude`` (this process's) and owners whose process id
+    ``is_alive`` are left alone. The expired leases are then claimed like any other (attempts
+    count on), and :func:`finish` still fences by owner, so a wrong guess (another machine with
+    the same host name sharing the queue) costs a repeated job, never a wrong result.
+    """
+    now = now or utcnow()
+    skip = set(exclude)
+    found: dict[str, int] = {}
+    with db.sessions.begin() as s:
+        rows = s.execute(
+            select(Instance.lease_owner, func.count())
+            .where(Instance.state == State.RUNNING.value, Instance.lease_owner.like(f"{host}:%"),
+                   Instance.lease_expires > now)
+            .group_by(Instance.lease_owner)
+        ).all()
+        for owner, n in rows:
+            if owner in skip:
+                continue
+            parts = owner.split(":")
+            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+                continue
+            if is_alive(int(parts[1])):
+                continue
+            s.execute(
+                update(Instance)
+                .where(Instance.state == State.RUNNING.value, Instance.lease_owner == owner)
+                .values(lease_expires=now - dt.timedelta(seconds=1))
+            )
+            found[owner] = int(n)
+    return found
+
+
+@dataclass(frozen=True)
+class PreviousResult:
+    """What a job's row still says about its last screening (kept while it is screened again)."""
+
+    model_name: str
+    model_version: str
+    predicted_class: str
+    probabilities: dict[str, float]
+    priority: str | None
+    triage_reason: str | None
+
+
+def previous_results(db: Database, job_ids: Sequence[int]) -> dict[int, PreviousResult]:
+    """The earlier results of jobs (re-screened ones: :func:`rescreen` keeps them), by job id."""
+    if not job_ids:
+        return {}
+    out: dict[int, PreviousResult] = {}
+    with db.sessions() as s:
+        for r in s.scalars(select(Instance).where(Instance.id.in_(list(job_ids)), Instance.probabilities.is_not(None))):
+            if r.model_name and r.model_version and r.predicted_class:
+                out[r.id] = PreviousResult(r.model_name, r.model_version, r.predicted_class, dict(r.probabilities or {}),
+                                           r.priority, r.triage_reason)
+    return out
+
+
+@dataclass(frozen=True)
+class RescreenFilter:
+    """Which finished jobs ``cxr-triage rescreen`` puts back in the queue (all given criteria apply)."""
+
+    states: tuple[str, ...] = (State.DONE.value, State.SKIPPED.value, State.FAILED.value)
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    predicted_class: str | None = None
+    model_version: str | None = None
+    sop_instance_uid: str | None = None
+
+
+def rescreen(
+    db: Database, flt: RescreenFilter, has_image: Callable[[str], bool], *, dry_run: bool = False
+) -> tuple[list[str], list[str]]:
+    """Put the finished jobs matching ``flt`` back to ``queued`` (fresh attempts); returns
+    (SOP Instance UIDs queued, those left alone because ``has_image(path)`` is false: purged).
+
+    The previous result (class, probabilities, model) stays on the row until the new screening
+    replaces it, so that the same model version re-sends the very same objects
+    (worker/pipeline.py) and ``query`` shows what was there meanwhile.
+    """
+    finished = {State.DONE.value, State.SKIPPED.value, State.FAILED.value}
+    states = [st for st in flt.states if st in finished]
+    stmt = select(Instance).where(Instance.state.in_(states)).order_by(Instance.id)
+    if flt.since is not None:
+        stmt = stmt.where(Instance.received_at >= flt.since)
+    if flt.until is not None:
+        stmt = stmt.where(Instance.received_at < flt.until)
+    if flt.predicted_class:
+        stmt = stmt.where(Instance.predicted_class == flt.predicted_class)
+    if flt.model_version:
+        stmt = stmt.where(Instance.model_version == flt.model_version)
+    if flt.sop_instance_uid:
+        stmt = stmt.where(Instance.sop_instance_uid == flt.sop_instance_uid)
+    queued: list[str] = []
+    missing: list[str] = []
+    with db.sessions.begin() as s:
+        for row in s.scalars(stmt):
+            if not has_image(row.path):
+                missing.append(row.sop_instance_uid)
+                continue
+            queued.append(row.sop_instance_uid)
+            if not dry_run:
+                row.state, row.attempts, row.reason = State.QUEUED.value, 0, "queued again by cxr-triage rescreen"
+                row.lease_owner = row.lease_expires = row.started_at = row.finished_at = None
+    return queued, missing
 
 
 def release(db: Database, owner: str, job_ids: Sequence[int]) -> None:

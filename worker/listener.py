@@ -12,11 +12,13 @@ its queue row is committed. Decoding happens later, in the batch pipeline, so in
 Status codes returned (PS3.4 Table B.2-1, PS3.7 Annex C):
 
 ========  ===============================================================
-0x0000    stored and queued, or a re-send of an instance already stored
+0x0000    stored and queued, or a re-send of an instance already stored; with
+          ``listener.accept_out_of_scope``, also an object of another SOP class (not stored,
+          recorded as an ``ignored`` intake event)
 0x0122    refused: SOP class not supported (not CR, DX or greyscale SC)
 0xA700    refused: out of resources (disk reserve reached, spool or database failure)
 0xA900    error: data set does not match SOP class (UIDs in data set differ from request)
-0xC000    error: cannot understand (invalid UID, unreadable data set)
+0xC000    error: cannot understand (invalid UID, also one over 64 characters; unreadable data set)
 ========  ===============================================================
 """
 
@@ -205,6 +207,17 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         return _status(code, reason)
 
     if sop_class not in ACCEPTED_SOP_CLASSES:
+        if intake.settings.listener.accept_out_of_scope:
+            # A PACS auto-route sends whole studies: acknowledge what we do not screen, store
+            # nothing, and say so (PS3.4 B.2.3 leaves what an SCP keeps to its conformance statement).
+            reason = (f"SOP class {sop_class} is not screened by this node; acknowledged without storing "
+                      "(listener.accept_out_of_scope)")
+            log.info("ignored C-STORE of SOP class %s from %s (not stored)", sop_class, calling)
+            intake.audit.record("object_ignored", calling_ae=calling, peer=peer, sop_class_uid=sop_class,
+                                sop_instance_uid=sop_uid if not uid_problem(sop_uid) else None)
+            jobs.record_event(intake.db, "ignored", reason, status=STATUS_SUCCESS, calling_ae=calling, peer=peer,
+                              sop_instance_uid=sop_uid, sop_class_uid=sop_class)
+            return STATUS_SUCCESS
         return refuse(STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not accepted by this node")
     problem = uid_problem(sop_uid)
     if problem:
@@ -334,8 +347,30 @@ def handle_rejected(event: evt.Event, intake: Intake) -> None:
         log.exception("could not record a rejected association")
 
 
+def _ui_without_length_limit(value: Any) -> tuple[bool, str]:
+    """pynetdicom's check of UIDs in DIMSE messages, less its 64-character limit.
+
+    pynetdicom refuses a command whose Affected SOP Instance UID is longer than 64 characters
+    (PS3.5 9.1) while decoding it, before any handler runs, and aborts the association; a sender
+    retries an aborted association for ever. Let through, the request reaches
+    :func:`handle_store`, whose :func:`worker.spool.uid_problem` refuses it with 0xC000 and a
+    recorded reason, like every other invalid UID (and nothing is stored: file names come only
+    from valid UIDs). Every other check of pynetdicom's stays.
+    """
+    from pynetdicom import _validators
+
+    ok, why = _validators.validate_ui(value)
+    if not ok and why == "must not exceed 64 characters":
+        return True, ""
+    return ok, why
+
+
 def make_ae(settings: Settings) -> AE:
     """An Application Entity configured from ``[listener]``."""
+    from pynetdicom import _config
+
+    # PS3.7 C.4.2 / pynetdicom's documented hook (_config.VALIDATORS): see _ui_without_length_limit
+    _config.VALIDATORS["UI"] = _ui_without_length_limit
     li = settings.listener
     ae = AE(ae_title=li.ae_title)
     ae.maximum_pdu_size = li.max_pdu

@@ -111,7 +111,11 @@ class Node:
     stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
-        """Open storage, load the model (when batching), start the listener and the schedule."""
+        """Check the host (ports, folders), load the model (when batching), open storage, start the
+        listener and the schedule. A :class:`worker.preflight.StartupError` comes before the model loads."""
+        from worker import preflight
+
+        preflight.check_node(self.settings)
         if self.batch:
             self.engine = load_engine(self.settings)  # fail before opening a port
             log.info(
@@ -120,7 +124,12 @@ class Node:
         self.db, self.spool = open_storage(self.settings)
         self.audit = audit_log.AuditLog(self.settings.storage.audit_path)
         self._audit_start()
-        self.server = listener.start(self.settings, listener.Intake(self.db, self.spool, self.settings, self.audit))
+        li = self.settings.listener
+        try:
+            self.server = listener.start(self.settings, listener.Intake(self.db, self.spool, self.settings, self.audit))
+        except OSError as exc:  # taken since the check: the same one-line error
+            self.stop()
+            raise preflight.bind_error("listener", li.bind_address, li.port, exc) from None
         on_batch = None
         if self.settings.health.enabled:
             from worker.health import HealthServer, NodeState
@@ -133,7 +142,11 @@ class Node:
                 batch_enabled=self.batch,
             )
             h = self.settings.health
-            self.health = HealthServer(state, h.bind_address, h.port).start()
+            try:
+                self.health = HealthServer(state, h.bind_address, h.port).start()
+            except OSError as exc:
+                self.stop()
+                raise preflight.bind_error("health", h.bind_address, h.port, exc) from None
             on_batch = self.health.metrics.observe
         if self.settings.web.enabled:
             self.web = self._start_web()

@@ -43,9 +43,41 @@ from worker.spool import Spool, SpoolError
 log = logging.getLogger(__name__)
 
 
+#: Lease owners made by this process (never reclaimed as a dead process's, even where an earlier
+#: process had the same pid, e.g. pid 1 in a container).
+_OWN_OWNERS: set[str] = set()
+
+
 def worker_id() -> str:
     """A lease owner name unique to this process: host, pid and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    _OWN_OWNERS.add(owner)
+    return owner
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when a process with this id exists on this host (``kill(pid, 0)``); our own pid counts
+    as gone, because a lease of it not made by this process is an earlier process's (restarted
+    with the same pid)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def reclaim_dead_leases(db: jobs.Database, audit: audit_log.AuditLog = audit_log.NULL) -> int:
+    """At start: take back at once the jobs leased by an earlier process of this host that is
+    gone (crash, SIGKILL), instead of after ``batch.lease_seconds``; returns how many."""
+    found = jobs.reclaim_dead_leases(db, socket.gethostname(), _pid_alive, exclude=_OWN_OWNERS)
+    for owner, n in found.items():
+        log.info("took back %d job(s) leased by %s, a process of this host that is gone", n, owner)
+        audit.record("leases_reclaimed", owner=owner, jobs=n)
+    return sum(found.values())
 
 
 @dataclass
@@ -114,6 +146,11 @@ def run_batch(
 
     outcomes: dict[int, Outcome] = {}
     ready: list[tuple[jobs.Claimed, Dataset, np.ndarray, dict[str, float]]] = []
+    # re-screened jobs (cxr-triage rescreen) whose result by this very model version is still in
+    # the spool: that object is sent again as it is (same UIDs, same bytes), not rebuilt
+    previous = jobs.previous_results(db, [job.id for job in claimed])
+    deliveries: dict[int, list[jobs.NewDelivery]] = {}
+    reused: set[int] = set()
     for job in claimed:
         timing: dict[str, float] = {}
 
@@ -140,6 +177,17 @@ def run_batch(
         stage["filter"] += time.perf_counter() - t
         if reason:
             outcomes[job.id] = Outcome(job.id, State.SKIPPED, reason, timings=timing)
+            continue
+        same = _same_version_result(job, ds, previous.get(job.id), card, spool, settings)
+        if same is not None:
+            prev, items = same
+            deliveries[job.id] = items
+            reused.add(job.id)
+            outcomes[job.id] = Outcome(
+                job.id, State.DONE, predicted_class=prev.predicted_class, probabilities=prev.probabilities,
+                priority=prev.priority, triage_reason=prev.triage_reason,
+                timings={k: round(v, 3) for k, v in timing.items()},
+            )
             continue
 
         # 4. preprocess: the same code training uses
@@ -178,7 +226,6 @@ def run_batch(
         per_image_ms = (time.perf_counter() - t) * 1e3 / max(len(ready), 1)
 
     # 6. triage each image and build its result objects (durable in the spool before the commit)
-    deliveries: dict[int, list[jobs.NewDelivery]] = {}
     storage_errors = 0
     destinations = settings.result_destinations
     t = time.perf_counter()
@@ -243,7 +290,8 @@ def run_batch(
                      predicted_class=o.predicted_class, priority=o.priority, model_version=card.version)
         for d in deliveries.get(o.job_id, []) if o.state is State.DONE else []:
             audit.record("result_produced", source_sop_instance_uid=uids[o.job_id], kind=d.kind,
-                         sop_instance_uid=d.sop_instance_uid, destination=d.destination)
+                         sop_instance_uid=d.sop_instance_uid, destination=d.destination,
+                         reused=True if o.job_id in reused else None)
 
     # 8. send what is due (this batch's results, and retries that have come due)
     t = time.perf_counter()
@@ -282,20 +330,67 @@ def _messages(
     the message file; the sender transmits the file as it is, so every retry sends the same bytes.
     """
     out: list[jobs.NewDelivery] = []
-    sr_uid, stem = str(sr.SOPInstanceUID), Spool.result_relpath_for(str(sr.SOPInstanceUID)).removesuffix(".dcm")
+    sr_uid = str(sr.SOPInstanceUID)
     for d in destinations:
-        safe = re.sub(r"[^A-Za-z0-9_-]", "_", d.name)
+        rel = _message_relpath(sr_uid, d)
         if d.type == "hl7":
             from worker import hl7
 
-            rel, data = f"{stem}.{safe}.hl7", hl7.build_oru(source, result, d, sr_uid).encode("utf-8")
+            data = hl7.build_oru(source, result, d, sr_uid).encode("utf-8")
         else:
             from worker import fhir
 
-            rel, data = f"{stem}.{safe}.json", fhir.build_bundle(source, result, sr_uid)
+            data = fhir.build_bundle(source, result, sr_uid)
         spool.write(rel, data)
         out.append(jobs.NewDelivery(d.name, d.type, str(sr.SOPClassUID), sr_uid, rel))
     return out
+
+
+def _message_relpath(sr_uid: str, dest: Destination) -> str:
+    """Spool path of the HL7 / FHIR message that reports the SR ``sr_uid`` to ``dest``."""
+    stem = Spool.result_relpath_for(sr_uid).removesuffix(".dcm")
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", dest.name)
+    return f"{stem}.{safe}.{'hl7' if dest.type == 'hl7' else 'json'}"
+
+
+def _same_version_result(
+    job: jobs.Claimed, ds: Dataset, prev: jobs.PreviousResult | None, card: object, spool: Spool, settings: Settings
+) -> tuple[jobs.PreviousResult, list[jobs.NewDelivery]] | None:
+    """The deliveries that re-send this job's stored result objects unchanged, when its previous
+    result came from the model screening now (name and version) and every object this node sends
+    (SR, and SC when enabled) is still in the spool; else None (screen and build anew).
+
+    Result UIDs depend on the source and the model version only (results.result_uids), so a new
+    version makes new objects and this one re-sends the objects the PACS already has.
+    """
+    name, version = getattr(card, "name", None), getattr(card, "version", None)
+    if prev is None or (prev.model_name, prev.model_version) != (name, version):
+        return None
+    study = str(ds.get("StudyInstanceUID", "") or "")
+    if not study:
+        return None
+    uids = results.result_uids(job.sop_instance_uid, study, str(name), str(version))
+    kinds = [("sr", str(uids.sr_instance))]
+    if settings.send.secondary_capture:
+        kinds.append(("sc", str(uids.sc_instance)))
+    items: list[jobs.NewDelivery] = []
+    for kind, uid in kinds:
+        rel = Spool.result_relpath_for(uid)
+        try:
+            stored = dcmread(spool.path(rel), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        except (OSError, ValueError, InvalidDicomError, EOFError, KeyError):
+            return None  # gone (purged) or unreadable: build anew
+        if str(stored.get("SOPInstanceUID", "")) != uid:
+            return None
+        items += [jobs.NewDelivery(d.name, kind, str(stored.SOPClassUID), uid, rel)
+                  for d in settings.result_destinations if not d.message_based]
+        if kind == "sr":
+            for d in (d for d in settings.result_destinations if d.message_based):
+                msg = _message_relpath(uid, d)
+                if not spool.path(msg).is_file():
+                    return None  # the HL7 / FHIR message was not kept: build anew
+                items.append(jobs.NewDelivery(d.name, d.type, str(stored.SOPClassUID), uid, msg))
+    return prev, items
 
 
 def _truncated_element(ds: Dataset) -> str | None:

@@ -137,13 +137,26 @@ class BatchScheduler:
         except Exception:  # keep the schedule alive; leases bring claimed jobs back
             log.exception("batch run failed; claimed jobs return to the queue when their lease expires")
 
+    def _purge(self) -> None:
+        from worker import retention
+
+        try:
+            retention.purge(self.db, self.spool, self.settings, audit=self.audit)
+        except Exception:  # keep the schedule alive; the next hour tries again
+            log.exception("purge failed")
+
     def start(self) -> None:
-        """Schedule the batch job, start the sender; run a catch-up batch if one was missed."""
+        """Schedule the batch job, start the sender; run a catch-up batch if one was missed;
+        purge hourly (and now) when a retention is set."""
         sc = self.settings.schedule
+        pipeline.reclaim_dead_leases(self.db, self.audit)  # our own crashed process's jobs: now, not in 300 s
         grace = sc.misfire_grace_seconds or None
         self._scheduler.add_job(
             self._run, make_trigger(self.settings), id="batch", max_instances=1, coalesce=True, misfire_grace_time=grace
         )
+        if self.settings.storage.retention_days or self.settings.database.retention_days:
+            self._scheduler.add_job(self._purge, IntervalTrigger(hours=1, timezone="UTC"), id="purge",
+                                    max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.timezone.utc))
         self.sender.start()
         now = self.clock()
         missed = missed_run(self.settings, now)

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "CXR_TRIAGE_"
+#: The configuration file of an installed node (the systemd units' ``--config``): the default
+#: configuration of every command when ``--config`` is not given and ``CXR_TRIAGE_CONFIG`` is
+#: not set, so that an operator on the node's host gets the node's own state without flags.
+DEFAULT_CONFIG_FILE = Path("/etc/cxr-triage/node.toml")
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE VR, no backslash, <= 16 chars
 
 
@@ -47,6 +51,7 @@ class ListenerSettings:
     require_called_aet: bool = True
     allowed_peers: list[str] = field(default_factory=list)
     max_object_mb: int = 1024
+    accept_out_of_scope: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -63,6 +68,7 @@ class StorageSettings:
     disk_reserve_mb: int = 1024
     fsync: bool = True
     audit_log: Path | None = None
+    retention_days: int = 0
 
     @property
     def audit_path(self) -> Path:
@@ -80,6 +86,13 @@ class StorageSettings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """How long the triage database keeps rows (the database itself is ``storage.database_url``)."""
+
+    retention_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -233,6 +246,7 @@ class Settings:
 
     listener: ListenerSettings = field(default_factory=ListenerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
@@ -242,6 +256,7 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     destinations: list[Destination] | None = None
     log_level: str = "INFO"
+    log_format: str = "text"
 
     @property
     def result_destinations(self) -> list[Destination]:
@@ -254,6 +269,7 @@ class Settings:
 _SECTIONS: dict[str, type] = {
     "listener": ListenerSettings,
     "storage": StorageSettings,
+    "database": DatabaseSettings,
     "model": ModelSettings,
     "batch": BatchSettings,
     "schedule": ScheduleSettings,
@@ -262,7 +278,7 @@ _SECTIONS: dict[str, type] = {
     "triage": TriageSettings,
     "web": WebSettings,
 }
-_TOP_LEVEL = {"log_level"}
+_TOP_LEVEL = {"log_level", "log_format"}
 
 
 def _coerce(value: Any, tp: Any, name: str, from_text: bool) -> Any:
@@ -355,6 +371,15 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"listener.{key}: {path} is not a readable file")
     if s.storage.disk_reserve_mb < 0:
         raise SettingsError("storage.disk_reserve_mb must be >= 0")
+    if s.storage.retention_days < 0:
+        raise SettingsError(f"storage.retention_days must be >= 0 (0 = keep for ever), got {s.storage.retention_days}")
+    if s.database.retention_days < 0:
+        raise SettingsError(f"database.retention_days must be >= 0 (0 = keep for ever), got {s.database.retention_days}")
+    if s.database.retention_days and not 0 < s.storage.retention_days <= s.database.retention_days:
+        raise SettingsError(
+            f"database.retention_days ({s.database.retention_days}) needs storage.retention_days between 1 and it "
+            f"(got {s.storage.retention_days}): rows outlive the images they describe"
+        )
     if s.model.precision not in (None, "f32", "bf16", "f16", "int8"):
         raise SettingsError(f"model.precision must be one of f32, bf16, f16, int8, got {s.model.precision!r}")
     if s.model.max_image_mb < 1:
@@ -433,6 +458,8 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"destinations.{d.name}: type must be dicom, folder, hl7 or fhir, got {d.type!r}")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise SettingsError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level!r}")
+    if s.log_format not in ("text", "json"):
+        raise SettingsError(f"log_format must be text or json, got {s.log_format!r}")
 
 
 def _validate_web(w: WebSettings) -> None:
@@ -544,6 +571,15 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def default_config_file(environ: Mapping[str, str] | None = None) -> Path | None:
+    """:data:`DEFAULT_CONFIG_FILE` when it exists and ``CXR_TRIAGE_CONFIG`` is not set (an empty
+    ``CXR_TRIAGE_CONFIG=`` means: no file at all); else None."""
+    environ = os.environ if environ is None else environ
+    if ENV_PREFIX + "CONFIG" in environ:
+        return None
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -564,6 +600,11 @@ def load_settings(
                 data = tomllib.load(fh)
         except FileNotFoundError:
             raise SettingsError(f"configuration file {p} does not exist") from None
+        except PermissionError:
+            raise SettingsError(f"configuration file {p} is not readable by this user (uid {os.geteuid()}); "
+                                "run the command as the node's user, e.g. sudo -u cxr-triage") from None
+        except IsADirectoryError:
+            raise SettingsError(f"configuration file {p} is a folder") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"configuration file {p} is not valid TOML: {exc}") from None
         settings = _apply(settings, data, str(p), from_text=False)

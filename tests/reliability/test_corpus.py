@@ -240,12 +240,29 @@ def test_invalid_sop_instance_uid(screening, uid: str, reason: str) -> None:
     ds = make_image(rows=32, cols=32)
     ds.SOPInstanceUID = uid
     status = raw_store(screening, uid, encode(ds))
-    if status is None:  # over 64 characters: pynetdicom drops the invalid DIMSE message itself
-        assert len(uid) > 64 and screening.row(uid) is None and screening.alive()
-        return
+    # also over 64 characters: a failure status and a reason, not an aborted association (issue 19)
     assert status == 0xC000
     assert_not_screened(outcome(screening, uid, status), reason)
     assert not list(screening.node.spool.root.rglob("*passwd*")) and not (screening.node.spool.root.parent / "x.dcm").exists()
+
+
+def test_over_long_uid_is_refused_and_the_association_goes_on(screening) -> None:
+    """A sender retries an aborted association for ever; a failure status per object it logs and moves on."""
+    long_uid = "1.2." + "3" * 80
+    bad, good = make_image(rows=32, cols=32), make_image(rows=32, cols=32)
+    bad.SOPInstanceUID = long_uid
+    a = RawAssociation(screening.port)
+    try:
+        assert a.associate([(1, CR_STORAGE, [EXPLICIT_LE])]) and 1 in a.accepted
+        assert a.store(1, CR_STORAGE, long_uid, encode(bad)) == 0xC000
+        assert a.store(1, CR_STORAGE, good.SOPInstanceUID, encode(good)) == 0x0000
+    finally:
+        a.release()
+    (ev,) = [e for e in screening.events() if e["sop_instance_uid"] == long_uid[:128]]
+    assert ev["kind"] == "refused" and ev["status"] == "0xC000"
+    assert ev["reason"] == "invalid SOP Instance UID: UID is 84 characters long (at most 64)"
+    assert screening.row(long_uid) is None and screening.row(good.SOPInstanceUID) is not None
+    assert not [p for p in screening.node.spool.root.rglob("*.dcm") if "3333333333" in p.name]
 
 
 def test_invalid_study_instance_uid(screening) -> None:

@@ -116,7 +116,8 @@ def test_query_filters_and_formats(served, capsys: pytest.CaptureFixture[str]) -
     assert [r["sop_instance_uid"] for r in rows] == [dss[0].SOPInstanceUID]
     cls = rows[0]["predicted_class"]
     assert all(r["predicted_class"] == cls for r in _query(data_dir, "--class", cls))
-    assert _query(data_dir, "--min-probability", "1.01") == []
+    assert _query(data_dir, "--min-probability", "1.0") == []  # softmax of the toy model: never exactly 1
+    assert len(_query(data_dir, "--min-probability", "0")) == 3
     assert len(_query(data_dir, "--since", "2000-01-01")) == 3
     assert _query(data_dir, "--until", "2000-01-01") == []
     assert len(_query(data_dir, "--state", "done", "--state", "queued")) == 3
@@ -196,3 +197,162 @@ def test_upstream_commands_are_dispatched_lazily(capsys: pytest.CaptureFixture[s
     monkeypatch.setattr(importlib, "import_module", lambda n: no_training(n))
     assert cli.main(["convert", "x.pt", "--out", "y"]) == 2
     assert "pip install 'cxr-triage[train]'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- read-only commands (issue 19, item 2)
+
+
+def _cli(*args: str, cwd: Path, default_config: Path | None = None, env: dict[str, str] | None = None,
+         ) -> subprocess.CompletedProcess[str]:
+    """``cxr-triage ARGS`` in its own process; ``default_config`` stands in for /etc/cxr-triage/node.toml."""
+    code = "import sys; from worker.cli import main; sys.exit(main(sys.argv[1:]))"
+    if default_config is not None:
+        code = (f"import pathlib, worker.settings as s; s.DEFAULT_CONFIG_FILE = pathlib.Path({str(default_config)!r}); "
+                + code)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CXR_TRIAGE_")}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**base, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1]), **(env or {})})
+
+
+@pytest.mark.parametrize("command", ["status", "query", "resend"])
+def test_read_only_commands_never_create_a_database(tmp_path: Path, command: str) -> None:
+    r = _cli(command, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"cxr-triage {command}: no triage database at {tmp_path / 'var' / 'triage.db'} "
+                                "(storage.data_dir = var); pass --data-dir DIR or --database URL of the node, "
+                                "or --config FILE")
+    r = _cli(command, "--data-dir", str(tmp_path / "elsewhere"), cwd=tmp_path)
+    assert r.returncode == 2 and str(tmp_path / "elsewhere" / "triage.db") in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no folder, no database
+
+
+def test_a_database_without_our_schema_is_not_read_as_empty(tmp_path: Path) -> None:
+    import sqlite3
+
+    (tmp_path / "var").mkdir()
+    sqlite3.connect(tmp_path / "var" / "triage.db").close()
+    r = _cli("status", cwd=tmp_path)
+    assert r.returncode == 2 and "is not a cxr-triage database (no schema)" in r.stderr
+
+
+def test_the_installed_nodes_config_is_the_default(tmp_path: Path) -> None:
+    node_dir = tmp_path / "lib" / "cxr-triage"
+    assert cli.main(["migrate", "--data-dir", str(node_dir)]) == 0
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{node_dir}"\n')
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    r = _cli("status", "--format", "json", cwd=elsewhere, default_config=config)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["total"] == 0
+    # CXR_TRIAGE_CONFIG wins, and set empty it means "no file": back to ./var, which does not exist
+    r = _cli("status", cwd=elsewhere, default_config=config, env={"CXR_TRIAGE_CONFIG": ""})
+    assert r.returncode == 2 and str(elsewhere / "var" / "triage.db") in r.stderr
+    # an absent default file is no error
+    r = _cli("status", "--data-dir", str(node_dir), cwd=elsewhere, default_config=tmp_path / "absent.toml")
+    assert r.returncode == 0, r.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- version, model card, argument checks (item 4)
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    r = subprocess.run([sys.executable, "-m", "worker.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"cxr-triage {version('cxr-triage')}"
+
+
+def test_model_prints_the_card_a_person_needs(tmp_path: Path) -> None:
+    import json as _json
+
+    from worker.modelcard import default_model_dir
+
+    r = _cli("model", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    card = _json.loads((default_model_dir() / "model.json").read_text())
+    overall = card["metrics"][card["metrics"]["deployed"]]
+    assert f"{card['name']} {card['version']}" in out.splitlines()[0]
+    assert f"precision: {card['precision']}" in out and "classes: normal, pneumonia, covid19" in out
+    for cls, t in card["thresholds"].items():
+        assert f"{cls} P >= {t:.4f}" in out
+    assert f"{overall['overall']['accuracy'] * 100:.1f}" in out  # overall accuracy, as the card records it
+    for group, m in overall["by_age_group"].items():
+        row = next(ln for ln in out.splitlines() if ln.strip().startswith(group + " "))
+        assert f"{m['accuracy'] * 100:.1f}" in row
+    assert "training data and licences:" in out and "CC BY-NC" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_of_another_folder(tmp_path: Path, toy_model: Path) -> None:
+    r = _cli("model", "--model", str(toy_model), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("toy ") and "training data and licences: not recorded" in r.stdout
+    r = _cli("model", "--model", str(tmp_path / "none"), cwd=tmp_path)
+    assert r.returncode == 2 and "is not a directory" in r.stderr
+
+
+def test_query_and_resend_check_their_arguments(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    assert cli.main(["migrate", "--data-dir", str(data)]) == 0
+    cases = [
+        (["query", "--class", "covid"],
+         "cxr-triage query: --class 'covid' is not a class of model cxr-hybrid-3class 1.0.0 "
+         "(classes: normal, pneumonia, covid19)"),
+        (["query", "--min-probability", "1.5"], "cxr-triage query: --min-probability must be a probability in [0, 1], got 1.5"),
+        (["query", "--min-probability", "-0.1"], "cxr-triage query: --min-probability must be a probability in [0, 1], got -0.1"),
+        (["query", "--since", "yesterday"], "cxr-triage query: --since: 'yesterday' is not an ISO 8601 date or time"),
+        (["resend", "--to", "PACS"], "cxr-triage resend: --to 'PACS' is not a destination (destinations: folder)"),
+    ]
+    for args, expected in cases:
+        r = _cli(*args, "--data-dir", str(data), cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.strip() == expected, r.stderr
+        assert "configuration error" not in r.stderr
+    r = _cli("query", "--class", "covid19", "--data-dir", str(data), cwd=tmp_path)
+    assert r.returncode == 0 and "(0 rows)" in r.stdout
+    r = _cli("resend", "--to", "pacs", "--data-dir", str(data), cwd=tmp_path,
+             env={"CXR_TRIAGE_DESTINATIONS": "pacs=PACS@127.0.0.1:104"})
+    assert r.returncode == 0 and "0 failed deliveries queued again" in r.stdout
+
+
+def test_query_table_shows_the_delivery_error(tmp_path: Path, toy_model: Path) -> None:
+    from support import send
+
+    from worker.node import Node
+    from worker.settings import load_settings
+
+    data_dir, port, dead = tmp_path / "var", free_port(), free_port()  # nothing listens on `dead`
+    s = load_settings(None, {"storage.data_dir": str(data_dir), "listener.port": port,
+                             "listener.bind_address": "127.0.0.1", "storage.disk_reserve_mb": 0}, environ={})
+    n = Node(s, batch=False)
+    n.start()
+    try:
+        assert send([make_image(rows=64, cols=64)], n.port) == [0]
+    finally:
+        n.stop()
+    env = {"CXR_TRIAGE_DESTINATIONS": f"PACS@127.0.0.1:{dead}", "CXR_TRIAGE_SEND_MAX_ATTEMPTS": "1",
+           "CXR_TRIAGE_SEND_TIMEOUT": "2"}
+    r = _cli("batch", "--once", "--data-dir", str(data_dir), "--model", str(toy_model), cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "send_failed 1" in r.stdout, r.stdout + r.stderr
+    (row,) = _query(data_dir)
+    (d,) = row["deliveries"]
+    assert d["state"] == "send_failed" and d["last_error"].startswith("PACS ")
+    r = _cli("query", "--data-dir", str(data_dir), cwd=tmp_path)
+    head, _, line, *_ = r.stdout.splitlines()
+    assert head.split()[-1] == "send_error" and line.rstrip().endswith(d["last_error"])
+
+
+def test_the_demo_never_takes_the_hosts_node_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a node's host, /etc/cxr-triage/node.toml names the production PACS: the demo must not send there."""
+    from worker import settings as settings_mod
+
+    config = tmp_path / "node.toml"
+    config.write_text('destinations = ["PACS@10.0.0.5:104"]\n')
+    monkeypatch.setattr(settings_mod, "DEFAULT_CONFIG_FILE", config)
+    for k in [k for k in os.environ if k.startswith("CXR_TRIAGE_")]:
+        monkeypatch.delenv(k)
+    assert cli._settings(cli.build_parser().parse_args(["demo"])).destinations is None
+    (dest,) = cli._settings(cli.build_parser().parse_args(["status"])).destinations
+    assert dest.host == "10.0.0.5"

@@ -129,3 +129,35 @@ def test_demo_clears_only_its_own_folder(tmp_path: Path, capsys: pytest.CaptureF
     assert cli.main(["demo", "--data-dir", str(foreign), "--port", str(free_port())]) == 2
     assert "not made by the demo" in capsys.readouterr().err
     assert (foreign / "triage.db").read_bytes() == b"not the demo's"
+
+
+def test_demo_refuses_a_taken_port_and_sends_nothing_there(tmp_path: Path) -> None:
+    """Issue 19, item 3: with another DICOM server on the port, the demo used to take its C-ECHO
+    answer for its own node, send it the samples, then fail with a SQLAlchemy traceback."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as other:  # another server: listening, never answering
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--port", str(port), "--data-dir",
+                            str(tmp_path / "demo")], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+        other.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other.accept()  # nobody connected to it
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"cxr-triage demo: cannot start: listener.port: port {port} on 127.0.0.1 is already "
+                                "in use by another process; pass --port N for the demo's node")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_reads_its_own_nodes_port(tmp_path: Path) -> None:
+    log = tmp_path / "node.log"
+    log.write_text("2026-12-01 INFO worker.listener: listening as X on 127.0.0.1:1\n")
+    assert demo._listening_port(log, "CXRTRIAGE") is None
+    log.write_text(log.read_text() + "cxr-triage listening as CXRTRIAGE on port 40123\n")
+    assert demo._listening_port(log, "CXRTRIAGE") == 40123

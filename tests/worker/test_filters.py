@@ -220,3 +220,41 @@ def test_own_result_objects_are_never_screened() -> None:
     cr = make_image()
     cr.Manufacturer = "cxr-triage"
     assert "result object" in filters.check(cr)
+
+
+# ------------------------------------------------------------------ descriptions when Body Part Examined is empty (issue 19)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "word"),
+    [
+        ({"StudyDescription": "XR HAND LEFT 2 VIEWS"}, "HAND (StudyDescription)"),
+        ({"SeriesDescription": "Knee AP"}, "KNEE (SeriesDescription)"),
+        ({"ProtocolName": "L-SPINE LAT"}, "L-SPINE (ProtocolName)"),
+        ({"StudyDescription": "XR PELVIS 1 VIEW"}, "PELVIS (StudyDescription)"),
+        ({"StudyDescription": "XR", "SeriesDescription": "ANKLE RIGHT"}, "ANKLE (SeriesDescription)"),
+    ],
+)
+def test_empty_body_part_reads_the_descriptions(attrs: dict, word: str) -> None:
+    for modality, sop_class in (("CR", CR), ("DX", DX)):
+        reason = filters.check(header(sop_class=sop_class, modality=modality, body_part=None, **attrs))
+        assert reason == f"body part {word} is not chest (Body Part Examined is empty)"
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {},  # no descriptions: passes as before (the tag is optional)
+        {"StudyDescription": "XR PORTABLE"},  # names no body part
+        {"StudyDescription": "XR CHEST AND ABDOMEN"},  # the chest is named too
+        {"StudyDescription": "TRAUMA", "SeriesDescription": "Thorax AP", "ProtocolName": "SHOULDER"},
+        {"StudyDescription": "HANDLING CHECK"},  # whole words only
+    ],
+)
+def test_descriptions_without_other_anatomy_still_pass(attrs: dict) -> None:
+    assert filters.check(header(modality="CR", body_part=None, **attrs)) is None
+
+
+def test_a_body_part_that_is_set_wins_over_the_descriptions() -> None:
+    assert filters.check(header(modality="CR", body_part="CHEST", StudyDescription="XR HAND")) is None
+    assert filters.check(header(modality="CR", body_part="KNEE", StudyDescription="XR CHEST")) == "body part KNEE is not chest"

@@ -166,3 +166,21 @@ def test_head_revision_constant_is_alembics_head_and_skips_alembic_when_current(
     code = f"import sys; from worker import jobs; jobs.Database.open({url!r}).close(); print('alembic' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_reclaim_dead_leases_of_this_host_only(db: jobs.Database) -> None:
+    """Issue 19: leases of a gone process of this host expire at once; others keep theirs."""
+    for i in range(4):
+        jobs.enqueue(db, _item(i))
+    owners = ["node1:101:aaaa", "node1:202:bbbb", "node2:101:cccc", "node1:303:dddd"]
+    for owner in owners:
+        jobs.claim_batch(db, 1, owner, 300)
+    alive = {202}
+    found = jobs.reclaim_dead_leases(db, "node1", lambda pid: pid in alive, exclude={"node1:303:dddd"})
+    assert found == {"node1:101:aaaa": 1}  # 202 alive, node2 another host, 303 our own
+    # the dead process's job is claimable now, not in 300 s; the others are not
+    (c,) = jobs.claim_batch(db, 10, "node1:404:eeee", 300)
+    assert c.attempts == 2  # the attempt of the dead process counts
+    assert jobs.claim_batch(db, 10, "node1:404:eeee", 300) == []
+    assert jobs.reclaim_dead_leases(db, "node1", lambda pid: False, exclude={"node1:404:eeee"}) == {
+        "node1:202:bbbb": 1, "node1:303:dddd": 1}

@@ -88,6 +88,37 @@ def test_ct_is_refused_with_sop_class_status(node: Node) -> None:
     assert echo(node.port) == 0x0000
 
 
+def test_accept_out_of_scope_acknowledges_a_whole_study_without_storing(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """listener.accept_out_of_scope (issue 19): a PACS auto-route sends the CT and the SR of the
+    study too; they get 0x0000 (no retries) and an ``ignored`` event, and nothing of them is kept."""
+    import json
+
+    from worker import cli
+
+    s = dataclasses.replace(settings, listener=dataclasses.replace(settings.listener, accept_out_of_scope=True))
+    n = Node(s, batch=False)
+    n.start()
+    try:
+        cr, ct = make_image(), make_image(sop_class=CT_STORAGE, modality="CT")
+        assert send([ct, cr], n.port) == [0x0000, 0x0000]
+        assert jobs.find(n.db, ct.SOPInstanceUID) is None and jobs.find(n.db, cr.SOPInstanceUID) is not None
+        (ev,) = events(n.db)
+        assert ev.kind == "ignored" and ev.status == 0x0000 and ev.sop_instance_uid == ct.SOPInstanceUID
+        assert CT_STORAGE in ev.reason and "listener.accept_out_of_scope" in ev.reason
+        files = [p for p in n.spool.root.rglob("*") if p.is_file()]
+        assert [p.name for p in files] == [f"{cr.SOPInstanceUID}.dcm"]
+    finally:
+        n.stop()
+    audit = [json.loads(ln) for ln in s.storage.audit_path.read_text().splitlines()]
+    assert [a["sop_class_uid"] for a in audit if a["event"] == "object_ignored"] == [CT_STORAGE]
+    capsys.readouterr()
+    assert cli.main(["status", "--data-dir", str(s.storage.data_dir), "--format", "json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["intake_ignored"] == 1 and status["intake_refusals"] == 0 and status["total"] == 1
+
+
 @pytest.mark.parametrize(
     "uid, why",
     [

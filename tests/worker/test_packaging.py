@@ -12,8 +12,27 @@ WORKER_MODULES = [
     "worker.cli", "worker.settings", "worker.listener", "worker.spool", "worker.jobs", "worker.imaging",
     "worker.filters", "worker.modelcard", "worker.engine", "worker.pipeline", "worker.scheduler", "worker.node",
     "worker.toymodel", "worker.results", "worker.sender", "worker.demo", "worker.priority", "worker.hl7",
-    "worker.fhir", "worker.worklist", "worker.web", "worker.web.pages", "worker.web.auth",
+    "worker.fhir", "worker.worklist", "worker.web", "worker.web.pages", "worker.web.auth", "worker.preflight", "worker.logs",
+    "worker.modelsummary", "worker.retention", "worker.commandline", "worker.maintenance",
 ]
+
+
+def test_license_file_matches_pyproject() -> None:
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"]
+    assert declared == "Apache-2.0"
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_changelog_names_the_current_version() -> None:
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    text = (REPO / "CHANGELOG.md").read_text()
+    assert text.startswith("# Changelog") and f"## {version} (" in text
 
 
 def test_filter_and_results_agree_on_own_markers() -> None:
@@ -58,7 +77,7 @@ def test_the_wheel_carries_the_default_model_and_no_samples(tmp_path) -> None:  
 
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, src / name)
     for pkg in ("worker", "training", "conversion"):
         shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -74,3 +93,4 @@ def test_the_wheel_carries_the_default_model_and_no_samples(tmp_path) -> None:  
     assert "worker/migrations/versions/0001_initial.py" in names or any("migrations/versions/0001" in n for n in names)
     assert not any(n.startswith("samples/") or n.endswith(".dcm") for n in names)
     assert {"worker/web/templates/worklist.html", "worker/web/templates/_rows.html", "worker/web/worklist.js"} <= names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # PEP 639: the licence travels

@@ -233,3 +233,52 @@ def test_batch_size_is_respected_and_queue_drains(screening, model_settings: Set
     rest = run()
     assert rest.done == 19 - model_settings.batch.size
     assert jobs.counts(node.db) == {"done": 19}
+
+
+def test_a_restarted_node_takes_back_its_dead_process_leases_at_once(tmp_path: Path, toy_model: Path) -> None:
+    """Issue 19, item 6: jobs leased by this host's earlier process that is gone (SIGKILL) are
+    screened by the next start at once, not after batch.lease_seconds (300 s); a live process's
+    lease is left alone."""
+    import json
+    import os
+    import socket
+    import sys
+
+    from support import free_port
+
+    from worker.settings import load_settings
+
+    data_dir = tmp_path / "var"
+    s = load_settings(None, {"storage.data_dir": str(data_dir), "listener.port": free_port(),
+                             "listener.bind_address": "127.0.0.1", "storage.disk_reserve_mb": 0}, environ={})
+    host = socket.gethostname()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id of this host that no longer runs
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        n = Node(s, batch=False)
+        n.start()
+        try:
+            assert send([make_image(rows=64, cols=64, seed=i) for i in range(6)], n.port) == [0] * 6
+            jobs.claim_batch(n.db, 4, f"{host}:{gone.pid}:deadbeef", 300)  # it died holding 4 jobs
+            (held,) = jobs.claim_batch(n.db, 1, f"{host}:{alive.pid}:a11ve000", 300)  # still running
+        finally:
+            n.stop()
+        r = subprocess.run([sys.executable, "-m", "worker.cli", "batch", "--once", "--data-dir", str(data_dir),
+                            "--model", str(toy_model)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0"})
+    finally:
+        alive.kill()
+        alive.wait()
+    assert r.returncode == 0, r.stderr
+    assert "screened 5, skipped 0, failed 0 of 5 claimed" in r.stdout  # 4 taken back + 1 queued
+    assert f"took back 4 job(s) leased by {host}:{gone.pid}:deadbeef" in r.stderr
+    db = jobs.Database.open(s.storage.url)
+    try:
+        assert jobs.counts(db) == {"done": 5, "running": 1}
+        assert jobs.find(db, held.sop_instance_uid).lease_owner == f"{host}:{alive.pid}:a11ve000"
+    finally:
+        db.close()
+    audit = [json.loads(ln) for ln in s.storage.audit_path.read_text().splitlines()]
+    (ev,) = [a for a in audit if a["event"] == "leases_reclaimed"]
+    assert ev["owner"] == f"{host}:{gone.pid}:deadbeef" and ev["jobs"] == 4
