@@ -527,32 +527,58 @@ def _decode_frame(ds: pydicom.Dataset, spec: PreprocessSpec) -> tuple[np.ndarray
         raise PixelError(f"unsupported transfer syntax {ts.name} ({ts})") from None
     if not decoder.is_available:
         raise PixelError(f"no decoder installed for transfer syntax {ts.name} ({ts})")
+    failures: list[str] = []  # "decoder: reason" of every decoder tried, for the final refusal
     if ts.is_encapsulated:
         frame = _first_frame(ds, g)
         _check_codestream(frame, ts, g)
-        if spec.j2k_reduce and ts in _J2K_REDUCIBLE and not g.signed and g.bits_allocated in (8, 16):
-            header = _j2k_header(frame)
-            r = _j2k_reduction(header, spec) if header is not None and not header.signed else 0
-            if header is not None and r > 0 and header.precision <= g.bits_allocated:
-                try:
-                    reduced = _decode_j2k_reduced(frame, header, r)
-                except Exception as exc:  # corrupt data: say so the same way the full decoder would
-                    detail = " ".join(str(exc).split())
-                    raise PixelError(f"could not decode {ts.name} ({ts}) pixel data: {detail}") from exc
-                if reduced is not None:
-                    want = (-(-g.rows // 2**r), -(-g.cols // 2**r))
-                    if reduced.shape != want:
-                        raise PixelError(f"reduced JPEG 2000 decode has shape {reduced.shape}, expected {want}")
-                    return reduced, g, False
+        reduced = _try_j2k_reduced(frame, g, spec, failures)
+        if reduced is not None:
+            return reduced, g, False
     try:
         arr, _meta = decoder.as_array(ds, index=0)
     except Exception as exc:  # any decoder failure is a property of this object's data
-        # one line: plugins' messages span lines, and the reason ends up in tables and logs
-        detail = " ".join(str(exc).split())
-        raise PixelError(f"could not decode {ts.name} ({ts}) pixel data: {detail}") from exc
+        failures.append(f"pydicom: {_one_line(exc)}")
+        raise PixelError(f"could not decode {ts.name} ({ts}) pixel data: {'; '.join(failures)}") from exc
     if arr.shape != (g.rows, g.cols):
         raise PixelError(f"decoded image has shape {arr.shape}, expected ({g.rows}, {g.cols}) from Rows/Columns")
     return arr, g, False
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: plugins' messages span lines, and the reason ends up in tables and logs."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _try_j2k_reduced(frame: bytes, g: _Geometry, spec: PreprocessSpec, failures: list[str]) -> np.ndarray | None:
+    """The reduced-resolution JPEG 2000 decode when it applies and succeeds, else None.
+
+    Any failure, or a result of another dtype or shape than the main header promises, is recorded
+    in ``failures`` and the caller decodes in full: a codestream can be valid and still refused
+    here, e.g. when a tile-part header's COD/COC (ISO 15444-1 A.6.1-A.6.2) gives fewer wavelet
+    levels than the main header's COD, which OpenJPEG then cannot reduce by ("broken data stream").
+    """
+    ts = g.transfer_syntax
+    if not (spec.j2k_reduce and ts in _J2K_REDUCIBLE and not g.signed and g.bits_allocated in (8, 16)):
+        return None
+    header = _j2k_header(frame)
+    r = _j2k_reduction(header, spec) if header is not None and not header.signed else 0
+    if header is None or r == 0 or header.precision > g.bits_allocated:
+        return None
+    what = "reduced-resolution decode (OpenJPEG via Pillow)"
+    try:
+        reduced = _decode_j2k_reduced(frame, header, r)
+    except Exception as exc:  # noqa: BLE001 - corrupt or unusual data: the full decoder decides
+        failures.append(f"{what}: {_one_line(exc)}")
+    else:
+        want = (-(-g.rows // 2**r), -(-g.cols // 2**r))
+        if reduced is None:
+            failures.append(f"{what}: unexpected sample type for {header.precision}-bit data")
+        elif reduced.shape != want:
+            failures.append(f"{what}: level {r} has shape {reduced.shape}, expected {want}")
+        else:
+            return reduced
+    log.info("%s failed, decoding in full: %s", what, failures[-1])
+    return None
 
 
 def decode(ds: pydicom.Dataset, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
