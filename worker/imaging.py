@@ -6,7 +6,9 @@ the same pixel pipeline in both places.  This module never imports torch.
 
 Pipeline (DICOM PS3.4 N.2, "Grayscale Transformations"; PS3.3 C.11):
 
-1. :func:`decode`: stored pixel values of the first frame (PS3.5 8.1.1 / 8.2, Annex A.4).
+1. :func:`decode`: stored pixel values of the first frame (PS3.5 8.1.1 / 8.2, Annex A.4), by the
+   decoder measured fastest for the transfer syntax (:mod:`worker.decoders`), pydicom's own
+   decoders as the fallback; an image is refused only when every decoder fails.
 2. :func:`to_grey8`: Modality LUT (PS3.3 C.11.1), VOI LUT or window (C.11.2), and the
    MONOCHROME1 inversion (C.7.6.3.1.2), folded into one lookup table over every possible stored
    value, giving an 8-bit display image in which bone is bright.
@@ -41,6 +43,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+
+from worker.decoders import Frame, fast_decoders
 
 __all__ = [
     "PixelError",
@@ -534,6 +538,9 @@ def _decode_frame(ds: pydicom.Dataset, spec: PreprocessSpec) -> tuple[np.ndarray
         reduced = _try_j2k_reduced(frame, g, spec, failures)
         if reduced is not None:
             return reduced, g, False
+        fast = _try_fast_decoders(ds, frame, g, decoder, failures)
+        if fast is not None:
+            return fast, g, False
     try:
         arr, _meta = decoder.as_array(ds, index=0)
     except Exception as exc:  # any decoder failure is a property of this object's data
@@ -547,6 +554,29 @@ def _decode_frame(ds: pydicom.Dataset, spec: PreprocessSpec) -> tuple[np.ndarray
 def _one_line(exc: BaseException) -> str:
     """An exception as one line: plugins' messages span lines, and the reason ends up in tables and logs."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _try_fast_decoders(
+    ds: pydicom.Dataset, frame: bytes, g: _Geometry, decoder: Any, failures: list[str]
+) -> np.ndarray | None:
+    """The first frame from the faster decoders :mod:`worker.decoders` lists for this transfer
+    syntax, or None (pydicom's own choice decodes it).  A decoder that fails or returns another
+    shape or dtype than pydicom would is recorded in ``failures`` and the next one is tried."""
+    want = np.dtype(f"{'i' if g.signed else 'u'}{g.bits_allocated // 8}")
+    for fast in fast_decoders(g.transfer_syntax):
+        try:
+            arr = fast.decode(Frame(ds, frame, g.rows, g.cols, g.bits_allocated, g.bits_stored, g.signed), decoder)
+        except Exception as exc:  # noqa: BLE001 - the next decoder, finally pydicom's, decides
+            failures.append(f"{fast.name}: {_one_line(exc)}")
+            log.info("%s failed, trying the next decoder: %s", fast.name, failures[-1])
+            continue
+        if arr is None:
+            continue
+        if arr.shape != (g.rows, g.cols) or arr.dtype != want:
+            failures.append(f"{fast.name}: returned {arr.dtype} {arr.shape}, expected {want} ({g.rows}, {g.cols})")
+            continue
+        return arr
+    return None
 
 
 def _try_j2k_reduced(frame: bytes, g: _Geometry, spec: PreprocessSpec, failures: list[str]) -> np.ndarray | None:

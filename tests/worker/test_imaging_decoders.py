@@ -7,12 +7,15 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate
 from pydicom.uid import UID, JPEG2000, JPEG2000Lossless
 from support import j2k_dataset, make_image, tile_cod_codestream
 
@@ -174,3 +177,83 @@ def test_compressed_samples_are_in_the_corpus() -> None:
     assert any(k.startswith("1.2.840.10008.1.2.4.9") for k in kinds)
     assert any(k.startswith("1.2.840.10008.1.2.4.7") for k in kinds)
     assert os.path.isdir(PYDICOM_FILES)
+
+
+# ------------------------------------------------------------------ the faster decoders
+
+
+needs_dcmtk = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("dcmcjpeg", "dcmcjpls", "dcmcrle")), reason="dcmtk dcmcjpeg/dcmcjpls/dcmcrle not on PATH"
+)
+
+
+def _dcmtk(ds: pydicom.Dataset, tool: str, options: list[str], tmp: Path) -> pydicom.Dataset:
+    src, dst = tmp / "src.dcm", tmp / f"{tool}{''.join(options)}.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    subprocess.run([tool, *options, str(src), str(dst)], check=True, capture_output=True, timeout=60)
+    return pydicom.dcmread(dst)
+
+
+def _noisy(bits: int, signed: bool) -> pydicom.Dataset:
+    rng = np.random.default_rng(bits)
+    hi = (1 << bits) - 1
+    pix = np.clip(rng.normal(hi / 2, hi / 6, (300, 240)), 0, hi).astype(np.uint16 if bits > 8 else np.uint8)
+    ds = make_image(pix, bits=16 if bits > 8 else 8, stored=bits)
+    if signed:  # the same bit patterns read as two's complement of BitsStored bits
+        ds.PixelRepresentation = 1
+    return ds
+
+
+@needs_dcmtk
+@pytest.mark.parametrize("bits,signed", [(12, False), (16, False), (8, False), (12, True)])
+@pytest.mark.parametrize(
+    "tool,options,expect",
+    [
+        ("dcmcjpeg", ["+e1"], "imagecodecs"),  # process 14 SV1 (1.2.840.10008.1.2.4.70)
+        ("dcmcjpeg", ["+el", "+sv", "3"], "imagecodecs"),  # process 14, selection value 3 (.57)
+        ("dcmcjpls", [], "pyjpegls"),
+        ("dcmcrle", [], "pylibjpeg-rle"),
+    ],
+    ids=["jpeg-sv1", "jpeg-p14-sv3", "jpeg-ls", "rle"],
+)
+def test_the_faster_decoder_gives_pydicoms_pixels(
+    tool: str, options: list[str], expect: str, bits: int, signed: bool, tmp_path: Path
+) -> None:
+    ds = _dcmtk(_noisy(bits, signed), tool, options, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = ds.pixel_array
+    g = imaging._geometry(ds, PreprocessSpec())
+    frame = imaging._first_frame(ds, g)
+    from pydicom.pixels.decoders.base import get_decoder
+
+    failures: list[str] = []
+    fast = imaging._try_fast_decoders(ds, frame, g, get_decoder(g.transfer_syntax), failures)
+    assert failures == []
+    chosen = [d.name for d in imaging.fast_decoders(g.transfer_syntax)]
+    if expect == "imagecodecs" and (signed or not chosen):
+        assert fast is None  # signed JPEG lossless (or no imagecodecs): pydicom's own decoder
+    else:
+        assert fast is not None and any(expect in name for name in chosen), chosen
+        assert fast.dtype == reference.dtype and np.array_equal(fast, reference)
+    assert np.array_equal(imaging.decode(ds), reference)
+
+
+def test_a_failing_faster_decoder_falls_back_to_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.decoders import FastDecoder
+
+    def broken(frame: object, decoder: object) -> np.ndarray:
+        raise RuntimeError("no\nluck")
+
+    def wrong(frame: object, decoder: object) -> np.ndarray:
+        return np.zeros((2, 2), np.uint16)
+
+    ds = _noisy(12, False)
+    ds.compress(pydicom.uid.RLELossless)
+    monkeypatch.setattr(imaging, "fast_decoders", lambda ts: (FastDecoder("broken", broken), FastDecoder("wrong", wrong)))
+    assert np.array_equal(imaging.decode(ds), ds.pixel_array)
+    ds.PixelData = encapsulate([b"\x01\x00\x00\x00" + bytes(60)])  # an RLE header claiming 1 segment at offset 0
+    with pytest.raises(PixelError) as err:
+        imaging.decode(ds)
+    reason = str(err.value)
+    assert "broken: no luck; wrong: returned uint16 (2, 2), expected uint16 (300, 240); pydicom: " in reason, reason
