@@ -165,3 +165,60 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool: 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# ------------------------------------------------------------------ JPEG 2000 Pillow cannot reduce
+
+
+def _marker_segments(cs: bytes) -> list[tuple[int, int, int]]:
+    """(marker, offset, length) of the main header's segments up to the first SOT."""
+    out, i = [], 2
+    while True:
+        marker, length = cs[i + 1], int.from_bytes(cs[i + 2 : i + 4], "big")
+        out.append((marker, i, length))
+        if marker == 0x90:
+            return out
+        i += 2 + length
+
+
+def tile_cod_codestream(pixels: np.ndarray, bits: int, *, lossy: bool) -> bytes:
+    """A valid JPEG 2000 codestream whose main-header COD says 5 wavelet levels while the (only)
+    tile's own COD, in its tile-part header, says 0 (ISO 15444-1 A.6.1: a tile-part COD overrides
+    the main one).  ``lossy``: the reversible wavelet with its layers cut at 50 dB PSNR (PS3.5
+    A.4.4 allows that for the lossy syntax).  OpenJPEG reads it in full; through Pillow it cannot reduce it ("broken data
+    stream when reading image file"), the refusal the issue reports for two public files."""
+    import pytest
+
+    imagecodecs = pytest.importorskip("imagecodecs")
+    cs = bytes(
+        imagecodecs.jpeg2k_encode(
+            pixels, level=50 if lossy else 0, codecformat="J2K", bitspersample=bits, reversible=True, resolutions=1
+        )
+    )
+    segs = _marker_segments(cs)
+    _, ci, cl = next(s for s in segs if s[0] == 0x52)
+    cod = cs[ci : ci + 2 + cl]
+    sot = segs[-1][1]
+    # main COD: the same coding style with 5 levels and default precincts (no per-level sizes)
+    main_cod = b"\xff\x52\x00\x0c" + bytes([cod[4] & 0xFE]) + cod[5:9] + b"\x05" + cod[10:14]
+    main = cs[:ci] + main_cod + cs[ci + 2 + cl : sot]
+    sot_seg = bytearray(cs[sot : sot + 12])
+    psot = int.from_bytes(sot_seg[6:10], "big")
+    if psot:
+        sot_seg[6:10] = (psot + len(cod)).to_bytes(4, "big")
+    return bytes(main) + bytes(sot_seg) + cod + cs[sot + 12 :]
+
+
+def j2k_dataset(cs: bytes, pixels: np.ndarray, bits: int, ts: str) -> Dataset:
+    """A CR image (make_image) whose Pixel Data is the one JPEG 2000 frame ``cs``."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000
+
+    ds = make_image(pixels, stored=bits)
+    ds.PixelData = encapsulate([cs])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = ts
+    if ts == JPEG2000:
+        ds.LossyImageCompression = "01"
+    return ds

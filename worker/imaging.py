@@ -6,7 +6,9 @@ the same pixel pipeline in both places.  This module never imports torch.
 
 Pipeline (DICOM PS3.4 N.2, "Grayscale Transformations"; PS3.3 C.11):
 
-1. :func:`decode`: stored pixel values of the first frame (PS3.5 8.1.1 / 8.2, Annex A.4).
+1. :func:`decode`: stored pixel values of the first frame (PS3.5 8.1.1 / 8.2, Annex A.4), by the
+   decoder measured fastest for the transfer syntax (:mod:`worker.decoders`), pydicom's own
+   decoders as the fallback; an image is refused only when every decoder fails.
 2. :func:`to_grey8`: Modality LUT (PS3.3 C.11.1), VOI LUT or window (C.11.2), and the
    MONOCHROME1 inversion (C.7.6.3.1.2), folded into one lookup table over every possible stored
    value, giving an 8-bit display image in which bone is bright.
@@ -41,6 +43,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+
+from worker.decoders import Frame, fast_decoders
 
 __all__ = [
     "PixelError",
@@ -527,32 +531,84 @@ def _decode_frame(ds: pydicom.Dataset, spec: PreprocessSpec) -> tuple[np.ndarray
         raise PixelError(f"unsupported transfer syntax {ts.name} ({ts})") from None
     if not decoder.is_available:
         raise PixelError(f"no decoder installed for transfer syntax {ts.name} ({ts})")
+    failures: list[str] = []  # "decoder: reason" of every decoder tried, for the final refusal
     if ts.is_encapsulated:
         frame = _first_frame(ds, g)
         _check_codestream(frame, ts, g)
-        if spec.j2k_reduce and ts in _J2K_REDUCIBLE and not g.signed and g.bits_allocated in (8, 16):
-            header = _j2k_header(frame)
-            r = _j2k_reduction(header, spec) if header is not None and not header.signed else 0
-            if header is not None and r > 0 and header.precision <= g.bits_allocated:
-                try:
-                    reduced = _decode_j2k_reduced(frame, header, r)
-                except Exception as exc:  # corrupt data: say so the same way the full decoder would
-                    detail = " ".join(str(exc).split())
-                    raise PixelError(f"could not decode {ts.name} ({ts}) pixel data: {detail}") from exc
-                if reduced is not None:
-                    want = (-(-g.rows // 2**r), -(-g.cols // 2**r))
-                    if reduced.shape != want:
-                        raise PixelError(f"reduced JPEG 2000 decode has shape {reduced.shape}, expected {want}")
-                    return reduced, g, False
+        reduced = _try_j2k_reduced(frame, g, spec, failures)
+        if reduced is not None:
+            return reduced, g, False
+        fast = _try_fast_decoders(ds, frame, g, decoder, failures)
+        if fast is not None:
+            return fast, g, False
     try:
         arr, _meta = decoder.as_array(ds, index=0)
     except Exception as exc:  # any decoder failure is a property of this object's data
-        # one line: plugins' messages span lines, and the reason ends up in tables and logs
-        detail = " ".join(str(exc).split())
-        raise PixelError(f"could not decode {ts.name} ({ts}) pixel data: {detail}") from exc
+        failures.append(f"pydicom: {_one_line(exc)}")
+        raise PixelError(f"could not decode {ts.name} ({ts}) pixel data: {'; '.join(failures)}") from exc
     if arr.shape != (g.rows, g.cols):
         raise PixelError(f"decoded image has shape {arr.shape}, expected ({g.rows}, {g.cols}) from Rows/Columns")
     return arr, g, False
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: plugins' messages span lines, and the reason ends up in tables and logs."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _try_fast_decoders(
+    ds: pydicom.Dataset, frame: bytes, g: _Geometry, decoder: Any, failures: list[str]
+) -> np.ndarray | None:
+    """The first frame from the faster decoders :mod:`worker.decoders` lists for this transfer
+    syntax, or None (pydicom's own choice decodes it).  A decoder that fails or returns another
+    shape or dtype than pydicom would is recorded in ``failures`` and the next one is tried."""
+    want = np.dtype(f"{'i' if g.signed else 'u'}{g.bits_allocated // 8}")
+    for fast in fast_decoders(g.transfer_syntax):
+        try:
+            arr = fast.decode(Frame(ds, frame, g.rows, g.cols, g.bits_allocated, g.bits_stored, g.signed), decoder)
+        except Exception as exc:  # noqa: BLE001 - the next decoder, finally pydicom's, decides
+            failures.append(f"{fast.name}: {_one_line(exc)}")
+            log.info("%s failed, trying the next decoder: %s", fast.name, failures[-1])
+            continue
+        if arr is None:
+            continue
+        if arr.shape != (g.rows, g.cols) or arr.dtype != want:
+            failures.append(f"{fast.name}: returned {arr.dtype} {arr.shape}, expected {want} ({g.rows}, {g.cols})")
+            continue
+        return arr
+    return None
+
+
+def _try_j2k_reduced(frame: bytes, g: _Geometry, spec: PreprocessSpec, failures: list[str]) -> np.ndarray | None:
+    """The reduced-resolution JPEG 2000 decode when it applies and succeeds, else None.
+
+    Any failure, or a result of another dtype or shape than the main header promises, is recorded
+    in ``failures`` and the caller decodes in full: a codestream can be valid and still refused
+    here, e.g. when a tile-part header's COD/COC (ISO 15444-1 A.6.1-A.6.2) gives fewer wavelet
+    levels than the main header's COD, which OpenJPEG then cannot reduce by ("broken data stream").
+    """
+    ts = g.transfer_syntax
+    if not (spec.j2k_reduce and ts in _J2K_REDUCIBLE and not g.signed and g.bits_allocated in (8, 16)):
+        return None
+    header = _j2k_header(frame)
+    r = _j2k_reduction(header, spec) if header is not None and not header.signed else 0
+    if header is None or r == 0 or header.precision > g.bits_allocated:
+        return None
+    what = "reduced-resolution decode (OpenJPEG via Pillow)"
+    try:
+        reduced = _decode_j2k_reduced(frame, header, r)
+    except Exception as exc:  # noqa: BLE001 - corrupt or unusual data: the full decoder decides
+        failures.append(f"{what}: {_one_line(exc)}")
+    else:
+        want = (-(-g.rows // 2**r), -(-g.cols // 2**r))
+        if reduced is None:
+            failures.append(f"{what}: unexpected sample type for {header.precision}-bit data")
+        elif reduced.shape != want:
+            failures.append(f"{what}: level {r} has shape {reduced.shape}, expected {want}")
+        else:
+            return reduced
+    log.info("%s failed, decoding in full: %s", what, failures[-1])
+    return None
 
 
 def decode(ds: pydicom.Dataset, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:

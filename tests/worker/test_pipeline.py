@@ -23,7 +23,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from support import SC_STORAGE, echo, make_image, send
+from support import SC_STORAGE, echo, j2k_dataset, make_image, send, tile_cod_codestream
 
 from worker import jobs, pipeline
 from worker.engine import Engine
@@ -117,6 +117,20 @@ def test_every_accepted_transfer_syntax_is_received_and_screened(screening, tmp_
         assert row.state == "done" and row.model_name == "toy" and row.priority in {"urgent", "routine"}
         assert sum(row.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
         assert set(row.timings) >= {"read_ms", "decode_ms", "preprocess_ms", "infer_ms", "build_ms"}
+
+
+def test_jpeg2000_that_cannot_be_decoded_at_reduced_resolution_is_screened(screening) -> None:  # type: ignore[no-untyped-def]
+    """Issue 18: valid JPEG 2000 (lossless and lossy) that OpenJPEG through Pillow cannot reduce
+    used to be skipped ("broken data stream"); now the full decoder reads it and it is screened."""
+    node, run = screening
+    yy, xx = np.mgrid[0:1000, 0:1200]
+    pix = ((yy * 2 + xx) % 4096).astype(np.uint16)
+    sent = [j2k_dataset(tile_cod_codestream(pix, 12, lossy=ts == JPEG2000), pix, 12, ts) for ts in (JPEG2000Lossless, JPEG2000)]
+    assert send(sent, node.port) == [0, 0]
+    run()
+    for ds in sent:
+        row = jobs.find(node.db, ds.SOPInstanceUID)
+        assert row.state == "done", row.reason
 
 
 def _rows(node: Node) -> list[jobs.Instance]:
