@@ -444,17 +444,6 @@ def triage(probabilities: Mapping[str, float], card: ModelCard) -> Triage:
     non-finite probability, raises ``ValueError``: silently calling such an image routine
     would hide a wiring bug.
     """
-    if not card.thresholds:
-        return Triage("routine", "no thresholds in model card")
-    fired: list[str] = []
-    for cls_name, thr in card.thresholds.items():
-        if cls_name not in probabilities:
-            raise ValueError(f"triage: no probability for thresholded class {cls_name!r} (got {sorted(probabilities)})")
-        p = float(probabilities[cls_name])
-        if not math.isfinite(p):
-            raise ValueError(f"triage: P({cls_name}) is not finite ({p!r})")
-        if p >= thr:
-            fired.append(f"P({cls_name})={p:.2f} >= {thr:.2f}")
-    if fired:
-        return Triage("urgent", "; ".join(fired))
-    return Triage("routine", "no class over its threshold")
+    from worker.priority import PriorityMap  # the general mapping builds on this module's types
+
+    return PriorityMap.build(card).decide(probabilities)  # no [triage] settings: exactly the card's rule
