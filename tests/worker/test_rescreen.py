@@ -4,28 +4,17 @@ model version re-sends the very same objects, a new version makes new ones (new 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 import pytest
-from support import free_port, make_image, send
+from support import make_image, receive, run_cli
 
 from worker import jobs
-from worker.node import Node
-from worker.settings import load_settings
-
-
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CXR_TRIAGE_")}
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**base, "CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0", **(env or {})})
 
 
 def _rows(data: Path) -> list[dict]:
-    r = _cli("query", "--data-dir", str(data), "--format", "json")
+    r = run_cli("query", "--data-dir", str(data), "--format", "json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -34,16 +23,9 @@ def _rows(data: Path) -> list[dict]:
 def node_data(tmp_path: Path, toy_model: Path) -> tuple[Path, list[str]]:
     """Two CR images and a knee (skipped), received and screened once with the toy model 0.0.1."""
     data = tmp_path / "var"
-    s = load_settings(None, {"storage.data_dir": str(data), "listener.port": free_port(),
-                             "listener.bind_address": "127.0.0.1", "storage.disk_reserve_mb": 0}, environ={})
-    n = Node(s, batch=False)
-    n.start()
     dss = [make_image(rows=64, cols=64, seed=i) for i in range(2)] + [make_image(rows=64, cols=64, body_part="KNEE")]
-    try:
-        assert send(dss, n.port) == [0, 0, 0]
-    finally:
-        n.stop()
-    r = _cli("batch", "--once", "--data-dir", str(data), "--model", str(toy_model))
+    receive(data, dss)
+    r = run_cli("batch", "--once", "--data-dir", str(data), "--model", str(toy_model))
     assert r.returncode == 0 and "screened 2, skipped 1" in r.stdout, r.stdout + r.stderr
     return data, [d.SOPInstanceUID for d in dss]
 
@@ -56,11 +38,11 @@ def test_same_model_version_resends_identical_objects(node_data, toy_model: Path
     for p in results.glob("*.dcm"):
         p.unlink()  # so that the re-send is seen
 
-    r = _cli("rescreen", "--state", "done", "--data-dir", str(data))
+    r = run_cli("rescreen", "--state", "done", "--data-dir", str(data))
     assert r.returncode == 0 and r.stdout.strip() == "queued 2 job(s) again for screening", r.stdout + r.stderr
     rows = {x["sop_instance_uid"]: x for x in _rows(data)}
     assert [rows[u]["state"] for u in uids] == ["queued", "queued", "skipped"]
-    r = _cli("batch", "--once", "--data-dir", str(data), "--model", str(toy_model))
+    r = run_cli("batch", "--once", "--data-dir", str(data), "--model", str(toy_model))
     assert r.returncode == 0 and "screened 2" in r.stdout and "results sent 2" in r.stdout, r.stdout
 
     after = {p.name: p.read_bytes() for p in results.glob("*.dcm")}
@@ -79,12 +61,12 @@ def test_new_model_version_makes_new_objects_beside_the_old(node_data, tmp_path:
     old = sorted(p.name for p in results.glob("*.dcm"))
     v2 = build_toy_model(tmp_path / "toy-v2", version="0.0.2", thresholds={"covid19": 0.5, "pneumonia": 0.5})
 
-    r = _cli("rescreen", "--model-version", "0.0.1", "--dry-run", "--data-dir", str(data))
+    r = run_cli("rescreen", "--model-version", "0.0.1", "--dry-run", "--data-dir", str(data))
     assert r.stdout.strip() == "would queue 2 job(s) again for screening"
     assert all(x["state"] != "queued" for x in _rows(data))  # a dry run changes nothing
-    r = _cli("rescreen", "--model-version", "0.0.1", "--data-dir", str(data))
+    r = run_cli("rescreen", "--model-version", "0.0.1", "--data-dir", str(data))
     assert "queued 2 job(s)" in r.stdout
-    r = _cli("batch", "--once", "--data-dir", str(data), "--model", str(v2))
+    r = run_cli("batch", "--once", "--data-dir", str(data), "--model", str(v2))
     assert r.returncode == 0 and "results sent 2" in r.stdout, r.stdout
 
     new = sorted(p.name for p in results.glob("*.dcm"))
@@ -98,14 +80,14 @@ def test_new_model_version_makes_new_objects_beside_the_old(node_data, tmp_path:
 
 def test_rescreen_filters_and_purged_images(node_data) -> None:  # type: ignore[no-untyped-def]
     data, uids = node_data
-    r = _cli("rescreen", "--data-dir", str(data))
+    r = run_cli("rescreen", "--data-dir", str(data))
     assert r.returncode == 2
     assert "name the jobs: --state, --since, --until, --class, --model-version, --sop, or --all" in r.stderr
-    r = _cli("rescreen", "--class", "covid", "--data-dir", str(data))
+    r = run_cli("rescreen", "--class", "covid", "--data-dir", str(data))
     assert r.returncode == 2 and "is not a class of model" in r.stderr
-    r = _cli("rescreen", "--sop", uids[2], "--dry-run", "--data-dir", str(data))
+    r = run_cli("rescreen", "--sop", uids[2], "--dry-run", "--data-dir", str(data))
     assert r.stdout.strip() == "would queue 1 job(s) again for screening"
-    r = _cli("rescreen", "--since", "2999-01-01", "--data-dir", str(data))
+    r = run_cli("rescreen", "--since", "2999-01-01", "--data-dir", str(data))
     assert r.stdout.strip() == "queued 0 job(s) again for screening"
 
     db = jobs.Database.open(f"sqlite:///{data / 'triage.db'}")
@@ -114,7 +96,7 @@ def test_rescreen_filters_and_purged_images(node_data) -> None:  # type: ignore[
     finally:
         db.close()
     (data / "spool" / row.path).unlink()  # as purge does once the results are delivered
-    r = _cli("rescreen", "--all", "--data-dir", str(data))
+    r = run_cli("rescreen", "--all", "--data-dir", str(data))
     assert r.stdout.strip() == ("queued 2 job(s) again for screening; 1 left as they are: their image is no longer "
                                 "in the spool (purged)")
     states = {x["sop_instance_uid"]: x["state"] for x in _rows(data)}

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sqlalchemy import update
-from support import free_port, make_image, send, wait_for
+from support import make_image, receive, run_cli, wait_for
 
 from worker import jobs
-from worker.node import Node
-from worker.settings import Settings, load_settings
-
-
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CXR_TRIAGE_")}
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**base, "CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0", **(env or {})})
+from worker.settings import Settings
 
 
 @pytest.fixture
@@ -29,16 +19,9 @@ def screened(tmp_path: Path, toy_model: Path) -> tuple[Settings, list[str]]:
     """Three images received, screened and delivered (folder destination), finished 40 days ago;
     the third one's delivery put back to pending_send (not delivered)."""
     data_dir = tmp_path / "var"
-    s = load_settings(None, {"storage.data_dir": str(data_dir), "listener.port": free_port(),
-                             "listener.bind_address": "127.0.0.1", "storage.disk_reserve_mb": 0}, environ={})
-    n = Node(s, batch=False)
-    n.start()
     dss = [make_image(rows=64, cols=64, seed=i) for i in range(3)]
-    try:
-        assert send(dss, n.port) == [0, 0, 0]
-    finally:
-        n.stop()
-    r = _cli("batch", "--once", "--data-dir", str(data_dir), "--model", str(toy_model))
+    s = receive(data_dir, dss)
+    r = run_cli("batch", "--once", "--data-dir", str(data_dir), "--model", str(toy_model))
     assert r.returncode == 0 and "results sent 3" in r.stdout, r.stdout + r.stderr
     db = jobs.Database.open(s.storage.url)
     try:
@@ -66,18 +49,18 @@ def test_purge_deletes_only_finished_and_delivered_images_and_keeps_rows(screene
     before = _files(s)
     assert len(before["images"]) == 3 and len(before["results"]) == 3
 
-    r = _cli("purge", "--dry-run", "--days", "30", "--data-dir", data)
+    r = run_cli("purge", "--dry-run", "--days", "30", "--data-dir", data)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("purge (dry run): would delete 2 image(s) and 2 result object(s) of 2 job(s)")
     assert r.stdout.rstrip().endswith("; rows kept")
     assert _files(s) == before  # a dry run deletes nothing
 
-    r = _cli("purge", "--data-dir", data, env={"CXR_TRIAGE_STORAGE_RETENTION_DAYS": "30"})
+    r = run_cli("purge", "--data-dir", data, env={"CXR_TRIAGE_STORAGE_RETENTION_DAYS": "30"})
     assert r.returncode == 0 and r.stdout.startswith("purge: deleted 2 image(s) and 2 result object(s) of 2 job(s)")
     after = _files(s)
     assert [p.name for p in after["images"]] == [f"{uids[2]}.dcm"]  # the undelivered one stays
     assert len(after["results"]) == 1
-    rows = json.loads(_cli("query", "--data-dir", data, "--format", "json").stdout)
+    rows = json.loads(run_cli("query", "--data-dir", data, "--format", "json").stdout)
     assert len(rows) == 3 and all(r["state"] == "done" for r in rows)  # rows stay
 
     audit = [json.loads(ln) for ln in s.storage.audit_path.read_text().splitlines()]
@@ -87,7 +70,7 @@ def test_purge_deletes_only_finished_and_delivered_images_and_keeps_rows(screene
     assert summary["images"] == 2 and summary["results"] == 2
 
     # nothing older is left: a second purge deletes nothing
-    r = _cli("purge", "--days", "30", "--data-dir", data)
+    r = run_cli("purge", "--days", "30", "--data-dir", data)
     assert "deleted 0 image(s)" in r.stdout
 
 
@@ -95,10 +78,10 @@ def test_database_retention_prunes_rows_after_the_images(screened) -> None:  # t
     s, uids = screened
     data = str(s.storage.data_dir)
     env = {"CXR_TRIAGE_STORAGE_RETENTION_DAYS": "30", "CXR_TRIAGE_DATABASE_RETENTION_DAYS": "35"}
-    r = _cli("purge", "--data-dir", data, env=env)
+    r = run_cli("purge", "--data-dir", data, env=env)
     assert r.returncode == 0, r.stderr
     assert "deleted 2 row(s)" in r.stdout
-    rows = json.loads(_cli("query", "--data-dir", data, "--format", "json").stdout)
+    rows = json.loads(run_cli("query", "--data-dir", data, "--format", "json").stdout)
     assert [r["sop_instance_uid"] for r in rows] == [uids[2]]  # only the undelivered job is left
     audit = [json.loads(ln) for ln in s.storage.audit_path.read_text().splitlines()]
     (pruned,) = [a for a in audit if a["event"] == "rows_pruned"]
@@ -106,13 +89,13 @@ def test_database_retention_prunes_rows_after_the_images(screened) -> None:  # t
 
 
 def test_purge_needs_a_retention_and_an_existing_database(tmp_path: Path) -> None:
-    r = _cli("purge", "--data-dir", str(tmp_path / "var"), "--days", "30")
+    r = run_cli("purge", "--data-dir", str(tmp_path / "var"), "--days", "30")
     assert r.returncode == 2 and "no triage database at" in r.stderr
-    r = _cli("purge", "--data-dir", str(tmp_path / "var"))
+    r = run_cli("purge", "--data-dir", str(tmp_path / "var"))
     assert r.returncode == 2
     assert r.stderr.strip() == ("cxr-triage purge: storage.retention_days is 0 (images are kept for ever): "
                                 "set it, or pass --days N")
-    r = _cli("purge", env={"CXR_TRIAGE_STORAGE_RETENTION_DAYS": "30", "CXR_TRIAGE_DATABASE_RETENTION_DAYS": "7"})
+    r = run_cli("purge", env={"CXR_TRIAGE_STORAGE_RETENTION_DAYS": "30", "CXR_TRIAGE_DATABASE_RETENTION_DAYS": "7"})
     assert r.returncode == 2 and "database.retention_days (7) needs storage.retention_days between 1 and it" in r.stderr
     assert not (tmp_path / "var").exists()
 
