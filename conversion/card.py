@@ -113,6 +113,53 @@ def _num(v: Any) -> str:
     return "-" if v is None else f"{float(v):.3f}"
 
 
+_MEASURE_NAMES = {"accuracy": "accuracy %", "adult_accuracy": "accuracy, adults %", "macro_auroc": "macro AUROC",
+                  "agreement": "top-1 agreement with float %", "max_prob_diff": "max softmax difference (reported, not gated)"}
+
+
+def _measure_cell(key: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    return _num(v) if key in ("macro_auroc", "max_prob_diff") else _pct(v)
+
+
+def _candidate_lines(card: Mapping[str, Any]) -> list[str]:
+    """Float vs each lower-precision candidate, the numbers the candidate gates decide on."""
+    cands = (card.get("conversion") or {}).get("candidates") or {}
+    if not cands:
+        return []
+    keys = list(cands)
+    lines = ["", "## Precision: float vs candidates (test split, each at its own validation-calibrated thresholds)", "",
+             "| measure | float (torch) | " + " | ".join(
+                 f"{cands[k]['precision'].upper()} `{k}`{' (deployed)' if cands[k].get('deployed') else ''}" for k in keys) + " |",
+             "|" + " --- |" * (2 + len(keys))]
+    measures = list(cands[keys[0]]["measures"])
+    for m in measures:
+        label = _MEASURE_NAMES.get(m) or (m.replace("_sensitivity", " sensitivity at threshold %")
+                                          .replace("_specificity", " specificity at threshold %"))
+        ref = cands[keys[0]]["measures"][m]["float"]
+        lines.append(f"| {label} | {_measure_cell(m, ref)} | "
+                     + " | ".join(_measure_cell(m, cands[k]["measures"].get(m, {}).get("candidate")) for k in keys) + " |")
+    lines.append("| candidate gates | | " + " | ".join(
+        "passed" if cands[k].get("passed") else "missed: " + ", ".join(
+            g["name"] for g in cands[k].get("gates", []) if not g["passed"]) for k in keys) + " |")
+    return lines
+
+
+def _source_lines(dm: Mapping[str, Any], classes: list[str]) -> list[str]:
+    by_source = dm.get("by_source") or {}
+    if not by_source:
+        return []
+    lines = ["", "## Test split per source collection (deployed model)", "",
+             "| source | n | accuracy | " + " | ".join(f"{c} sens." for c in classes) + " |",
+             "|" + " --- |" * (3 + len(classes))]
+    for src, r in sorted(by_source.items()):
+        pc = r.get("per_class") or {}
+        lines.append(f"| {src} | {r.get('n', '-')} | {_pct(r.get('accuracy'))} | " + " | ".join(
+            _pct((pc.get(c) or {}).get("sensitivity")) if (pc.get(c) or {}).get("n") else "-" for c in classes) + " |")
+    return lines
+
+
 def card_markdown(card: Mapping[str, Any]) -> str:
     """The card as a page a person reads (``README.md`` beside ``model.json``); every number is
     taken from the card, so the two cannot disagree."""
@@ -175,6 +222,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
     if urgent:
         lines.append(f"* any abnormal class urgent: sensitivity {_pct(urgent.get('sensitivity'))} %, specificity "
                      f"{_pct(urgent.get('specificity'))} %, share of images marked urgent {_pct(urgent.get('urgent_share'))} %")
+    lines += _candidate_lines(card)
+    lines += _source_lines(dm, classes)
     lines += ["", "## Conversion gates", ""]
     for g in card.get("gates") or []:
         lines.append(f"* {g['name']}: {g['value']:.6g} (limit {g['op']} {g['limit']:g}) "

@@ -34,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="training checkpoint (.pt, format cxr-triage-checkpoint/1)")
     c.add_argument("--out", required=True, help="output model directory (must be absent or empty)")
     c.add_argument("--fp32", action="store_true", help="save FP32 IR weights (default: FP16-compressed)")
-    c.add_argument("--int8", action="store_true", help="also quantise to INT8 with NNCF and deploy the INT8 IR")
+    c.add_argument("--int8", nargs="?", const="ptq", choices=("ptq", "qat"), default=None, metavar="ptq|qat",
+                   help="deploy an INT8 IR: ptq = NNCF post-training quantisation (the default of a bare --int8); "
+                        "qat = quantisation-aware fine-tuning of the checkpoint (conversion/qat.py), PTQ reported beside it")
+    c.add_argument("--qat-epochs", type=int, default=2, metavar="N", help="QAT epochs (default 2)")
+    c.add_argument("--qat-lr", type=float, default=1e-5, metavar="LR", help="QAT learning rate, Adam (default 1e-5)")
+    c.add_argument("--qat-images", type=int, default=None, metavar="N",
+                   help="QAT training images per epoch, a seeded random subset (default: the whole train split)")
     c.add_argument("--precision", choices=("f32", "bf16"), default=None,
                    help="worker precision for the float IR when deployed (default f32; bf16 is gated like INT8)")
     c.add_argument("--manifest", help="manifest CSV (default: the one in the checkpoint's training config)")
@@ -65,13 +71,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from conversion.convert import ConvertOptions, convert_checkpoint
         from conversion.gates import GateError
         from conversion.metrics import DEFAULT_TARGETS
+        from conversion.qat import QatOptions
     except ImportError as exc:
         print(f"cxr-triage convert: needs the training dependencies ({exc.name or exc}); "
               "install them with: pip install 'cxr-triage[train]'", file=sys.stderr)
         return 2
 
+    try:
+        qat = QatOptions(epochs=args.qat_epochs, lr=args.qat_lr, images_per_epoch=args.qat_images, calibration=args.calibration)
+    except ValueError as exc:
+        print(f"cxr-triage convert: {exc}", file=sys.stderr)
+        return 2
+    if args.int8 != "qat" and (args.qat_epochs != 2 or args.qat_lr != 1e-5 or args.qat_images is not None):
+        print("cxr-triage convert: --qat-epochs/--qat-lr/--qat-images need --int8 qat", file=sys.stderr)
+        return 2
     opts = ConvertOptions(
-        manifest=args.manifest, fp32=args.fp32, int8=args.int8, precision=args.precision,
+        manifest=args.manifest, fp32=args.fp32, int8=args.int8 or False, precision=args.precision, qat=qat,
         calibration=args.calibration, name=args.name, version=args.version,
         targets=dict(args.target) if args.target else dict(DEFAULT_TARGETS),
         accuracy_control=not args.no_accuracy_control,

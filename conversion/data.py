@@ -14,7 +14,7 @@ import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class Split:
     y: np.ndarray
     files: list[str]
     age_groups: list[str]
+    sources: list[str] = field(default_factory=list)  # manifest ``source`` column (collection), "unknown" if absent
 
     def __len__(self) -> int:
         return int(self.y.size)
@@ -127,4 +128,5 @@ def load_split(
         x[i] = load_image_file(root / r["file"], spec)
     y = np.array([list(classes).index(r[col]) for r in chosen], dtype=np.int64)
     log.info("loaded %d %s images from %s (labels: %s)", len(chosen), split, mpath, col)
-    return Split(split, x, y, [r["file"] for r in chosen], [r.get("age_group") or "unknown" for r in chosen])
+    return Split(split, x, y, [r["file"] for r in chosen], [r.get("age_group") or "unknown" for r in chosen],
+                 [r.get("source") or "unknown" for r in chosen])

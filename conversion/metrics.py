@@ -155,10 +155,14 @@ def grouped_metrics(
     classes: Sequence[str],
     groups: Sequence[str],
     thresholds: Mapping[str, float] | None = None,
+    sources: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """``classification_metrics`` (plus ``triage`` when thresholds are given) overall and per group.
 
-    Returns ``{"overall": {...}, "by_age_group": {"adult": {...}, "child": {...}, ...}}``.
+    Returns ``{"overall": {...}, "by_age_group": {"adult": {...}, "child": {...}, ...}}``, and
+    ``"by_source"`` (per collection, the manifest's ``source`` column) when ``sources`` is given:
+    the classes come from different collections, so a model can learn the source (see the data
+    README), and a per-source table shows it.
     """
     probs = np.asarray(probs, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
@@ -171,10 +175,14 @@ def grouped_metrics(
         return m
 
     everything = np.ones(y.size, dtype=bool)
-    return {
+    out = {
         "overall": one(everything),
         "by_age_group": {str(v): one(g == v) for v in sorted(set(g.tolist()))},
     }
+    if sources is not None:
+        src = np.asarray(list(sources), dtype=object)
+        out["by_source"] = {str(v): one(src == v) for v in sorted(set(src.tolist()))}
+    return out
 
 
 def calibrate_thresholds(
