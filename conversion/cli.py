@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--int8", nargs="?", const="ptq", choices=("ptq", "qat"), default=None, metavar="ptq|qat",
                    help="deploy an INT8 IR: ptq = NNCF post-training quantisation (the default of a bare --int8); "
                         "qat = quantisation-aware fine-tuning of the checkpoint (conversion/qat.py), PTQ reported beside it")
+    c.add_argument("--int8-float", action="append", choices=("resnet", "mobilenet", "head"), default=[], metavar="PART",
+                   help="PTQ mixed precision: keep this part of the hybrid in float (resnet, mobilenet, head; repeatable)")
     c.add_argument("--qat-epochs", type=int, default=2, metavar="N", help="QAT epochs (default 2)")
     c.add_argument("--qat-lr", type=float, default=1e-5, metavar="LR", help="QAT learning rate, Adam (default 1e-5)")
     c.add_argument("--qat-images", type=int, default=None, metavar="N",
@@ -82,11 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"cxr-triage convert: {exc}", file=sys.stderr)
         return 2
+    if args.int8_float and args.int8 != "ptq":
+        print("cxr-triage convert: --int8-float needs --int8 ptq", file=sys.stderr)
+        return 2
     if args.int8 != "qat" and (args.qat_epochs != 2 or args.qat_lr != 1e-5 or args.qat_images is not None):
         print("cxr-triage convert: --qat-epochs/--qat-lr/--qat-images need --int8 qat", file=sys.stderr)
         return 2
     opts = ConvertOptions(
         manifest=args.manifest, fp32=args.fp32, int8=args.int8 or False, precision=args.precision, qat=qat,
+        int8_float=tuple(args.int8_float),
         calibration=args.calibration, name=args.name, version=args.version,
         targets=dict(args.target) if args.target else dict(DEFAULT_TARGETS),
         accuracy_control=not args.no_accuracy_control,

@@ -70,6 +70,7 @@ class ConvertOptions:
     version: str | None = None
     targets: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TARGETS))
     parity_images: int = 32
+    int8_float: tuple[str, ...] = ()  # PTQ: hybrid parts kept in float (conversion.quantize.FLOAT_PARTS)
     accuracy_control: bool = True  # PTQ: fall back to nncf.quantize_with_accuracy_control on a missed gate
     preset: str = "performance"
     seed: int = 0
@@ -304,19 +305,21 @@ class _Conversion:
 
     def quantize(self, ov_float: ov.Model) -> None:
         """PTQ (always measured) and, with ``--int8 qat``, QAT; the deployed INT8 IR goes to the stage."""
-        from conversion.quantize import quantize_int8, quantize_int8_with_accuracy_control
+        from conversion.quantize import float_scope, quantize_int8, quantize_int8_with_accuracy_control
 
         assert self.calib is not None
         o = self.o
         t = time.perf_counter()
         static = _static_batch1(ov_float, self.input_shape)
+        scope = float_scope(static, o.int8_float)
         ptq_dir = self.stage / "ptq" if self.int8_method == "qat" else self.stage
-        save_ir(quantize_int8(static, self.calib.x, preset=o.preset), ptq_dir, fp16=not o.fp32)
+        save_ir(quantize_int8(static, self.calib.x, preset=o.preset, ignored_scope=scope), ptq_dir, fp16=not o.fp32)
         self.provisional_card(ptq_dir, "int8")
         key = "ir_int8_ptq" if self.int8_method == "qat" else "ir_int8"
         self.probs[key] = self.engine_probs(ptq_dir, "int8")
         ptq: dict[str, Any] = {"method": "nncf.quantize", "preset": o.preset, "calibration_split": "train",
                                "input": "static [1, C, H, W]", "calibration_images": len(self.calib),
+                               "float_parts": list(o.int8_float), "float_operations": len(scope.names) if scope else 0,
                                "seconds": round(time.perf_counter() - t, 1)}
         entry, gates = self.candidate(key, "int8")
         ptq["plain"] = {"passed": entry["passed"], "failed": [g.name for g in gates if not g.passed]}
@@ -326,7 +329,7 @@ class _Conversion:
                 log.warning("plain INT8 misses the gates (%s): accuracy-aware quantisation", ", ".join(ptq["plain"]["failed"]))
                 t = time.perf_counter()
                 q = quantize_int8_with_accuracy_control(static, self.calib.x, self.val.x, self.probs["torch"][1].argmax(1),
-                                                        max_drop=0.005, preset=o.preset)
+                                                        max_drop=0.005, preset=o.preset, ignored_scope=scope)
                 for f in ("model.xml", "model.bin", "model.json"):
                     (self.stage / f).unlink()
                 save_ir(q, self.stage, fp16=not o.fp32)

@@ -27,14 +27,63 @@ import openvino as ov
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quantize_int8", "quantize_int8_with_accuracy_control"]
+__all__ = ["FLOAT_PARTS", "float_scope", "quantize_int8", "quantize_int8_with_accuracy_control"]
+
+#: Parts of the hybrid that ``--int8-float`` can keep in float (mixed precision).
+FLOAT_PARTS = ("resnet", "mobilenet", "head")
+_COMPUTE = ("Convolution", "GroupConvolution", "MatMul")
+
+
+def float_scope(ov_model: ov.Model, parts: Iterable[str]) -> nncf.IgnoredScope | None:
+    """The compute operations of ``parts`` of the hybrid, for NNCF to leave in float.
+
+    Found by the graph, not by names (the exporter folds BatchNorm into the convolutions and
+    renames them): the concatenation of the two pooled feature vectors has one input per
+    branch, named after the branch's module (``...model.resnet/...``, ``...model.mobilenet/...``);
+    a branch is everything upstream of its input, the head everything downstream of the concat.
+    """
+    parts = list(parts)
+    unknown = sorted(set(parts) - set(FLOAT_PARTS))
+    if unknown:
+        raise ValueError(f"--int8-float: unknown part(s) {', '.join(unknown)} (choose from {', '.join(FLOAT_PARTS)})")
+    if not parts:
+        return None
+    concats = [op for op in ov_model.get_ops() if op.get_type_name() == "Concat"]
+    if len(concats) != 1:
+        raise ValueError(f"--int8-float needs the hybrid (one feature concatenation), found {len(concats)} Concat ops")
+    cat = concats[0]
+    names: set[str] = set()
+    for part in parts:
+        if part == "head":
+            stack = [t.get_node() for out in cat.outputs() for t in out.get_target_inputs()]
+            follow = lambda n: [t.get_node() for out in n.outputs() for t in out.get_target_inputs()]  # noqa: E731
+        else:
+            ins = [i for i in cat.inputs()
+                   if any(f".{part}{sep}" in i.get_source_output().get_node().get_friendly_name() for sep in "/.")]
+            if len(ins) != 1:
+                raise ValueError(f"--int8-float {part}: no branch of that name feeds the feature concatenation")
+            stack = [ins[0].get_source_output().get_node()]
+            follow = lambda n: [i.get_source_output().get_node() for i in n.inputs()]  # noqa: E731
+        seen: set[str] = set()
+        while stack:
+            n = stack.pop()
+            name = n.get_friendly_name()
+            if name in seen or n.get_type_name() in ("Parameter", "Result"):
+                continue
+            seen.add(name)
+            if n.get_type_name() in _COMPUTE:
+                names.add(name)
+            stack += follow(n)
+    log.info("INT8 mixed precision: %d compute operations of %s stay in float", len(names), "+".join(parts))
+    return nncf.IgnoredScope(names=sorted(names))
 
 
 def _items(x: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(x[i : i + 1], dtype=np.float32) for i in range(x.shape[0])]
 
 
-def quantize_int8(ov_model: ov.Model, calibration: np.ndarray, *, preset: str = "performance") -> ov.Model:
+def quantize_int8(ov_model: ov.Model, calibration: np.ndarray, *, preset: str = "performance",
+                  ignored_scope: nncf.IgnoredScope | None = None) -> ov.Model:
     """Plain NNCF PTQ of ``ov_model`` with every image of ``calibration`` (N, C, H, W).
 
     ``preset``: ``"performance"`` (symmetric weights and activations, fastest kernels) or
@@ -45,7 +94,8 @@ def quantize_int8(ov_model: ov.Model, calibration: np.ndarray, *, preset: str = 
         raise ValueError("INT8 quantisation needs at least one calibration image")
     qp = nncf.QuantizationPreset.MIXED if preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
     log.info("nncf.quantize: %d calibration images, preset %s", n, preset)
-    return nncf.quantize(ov_model, nncf.Dataset(_items(calibration)), preset=qp, subset_size=n)
+    kw: dict[str, Any] = {"ignored_scope": ignored_scope} if ignored_scope is not None else {}
+    return nncf.quantize(ov_model, nncf.Dataset(_items(calibration)), preset=qp, subset_size=n, **kw)
 
 
 def quantize_int8_with_accuracy_control(
@@ -57,6 +107,7 @@ def quantize_int8_with_accuracy_control(
     max_drop: float = 0.005,
     preset: str = "performance",
     max_num_iterations: int | None = None,
+    ignored_scope: nncf.IgnoredScope | None = None,
 ) -> ov.Model:
     """Accuracy-aware PTQ: keep agreement with ``reference_top1`` (torch's top-1 on ``validation``) within ``max_drop``."""
     ref = np.asarray(reference_top1, dtype=np.int64)
@@ -71,7 +122,7 @@ def quantize_int8_with_accuracy_control(
         return (float(np.mean(per_item)) if per_item else 0.0), per_item
 
     qp = nncf.QuantizationPreset.MIXED if preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
-    restorer: dict[str, Any] = {}
+    restorer: dict[str, Any] = {"ignored_scope": ignored_scope} if ignored_scope is not None else {}
     if max_num_iterations is not None:
         restorer["advanced_accuracy_restorer_parameters"] = nncf.AdvancedAccuracyRestorerParameters(
             max_num_iterations=max_num_iterations

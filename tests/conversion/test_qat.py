@@ -84,3 +84,47 @@ def test_qat_options_are_checked():
         QatOptions(epochs=0)
     with pytest.raises(ValueError, match="qat lr"):
         QatOptions(lr=0)
+
+
+def test_float_scope_finds_the_hybrids_parts_by_the_graph():
+    import torch
+    from torch import nn
+
+    from conversion.export import to_openvino
+    from conversion.quantize import float_scope, quantize_int8
+
+    def branch(ch: int, convs: int) -> nn.Sequential:
+        layers: list[nn.Module] = [nn.Conv2d(3, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU()]
+        for _ in range(convs - 1):
+            layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU()]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    class TinyHybrid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.resnet, self.mobilenet = branch(8, 3), branch(4, 2)
+            self.head = nn.Sequential(nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.cat([self.resnet(x), self.mobilenet(x)], dim=1))
+
+    torch.manual_seed(0)
+    ovm = to_openvino(TinyHybrid().eval(), (3, 16, 16))
+    assert len(float_scope(ovm, ["resnet"]).names) == 3
+    assert len(float_scope(ovm, ["mobilenet"]).names) == 2
+    assert len(float_scope(ovm, ["head"]).names) == 2
+    assert len(float_scope(ovm, ["mobilenet", "head"]).names) == 4
+    assert float_scope(ovm, []) is None
+    with pytest.raises(ValueError, match="unknown part"):
+        float_scope(ovm, ["vit"])
+    plain = to_openvino(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(), (3, 16, 16))
+    with pytest.raises(ValueError, match="needs the hybrid"):
+        float_scope(plain, ["head"])
+    calib = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    full = quantize_int8(ovm, calib)
+    mixed = quantize_int8(ovm, calib, ignored_scope=float_scope(ovm, ["mobilenet"]))
+
+    def fq(m):
+        return sum(op.get_type_name() == "FakeQuantize" for op in m.get_ops())
+
+    assert 0 < fq(mixed) < fq(full)
