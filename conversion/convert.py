@@ -35,6 +35,7 @@ from torch import nn
 
 from conversion import card as cardmod
 from conversion import gates as G
+from conversion import heatmap as HM
 from conversion.data import Split, load_split, read_manifest, sha256_file, spec_from_checkpoint
 from conversion.export import compile_ir, ir_probabilities, save_ir, to_openvino, torch_probabilities
 from conversion.metrics import DEFAULT_TARGETS, calibrate_thresholds, grouped_metrics
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ConvertOptions", "ConversionResult", "convert_checkpoint", "convert_model"]
 
 _OVERALL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1")
+#: Test images of the heatmap_exact gate (torch autograd costs ~5 s per image and class on 2 cores).
+HM_GATE_IMAGES = 8
 
 
 @dataclass
@@ -94,9 +97,12 @@ def _parity_indices(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
-def _write_provisional(d: Path, ckpt: Mapping[str, Any], name: str, version: str, precision: str) -> None:
+def _write_provisional(d: Path, ckpt: Mapping[str, Any], name: str, version: str, precision: str,
+                       heatmap: Mapping[str, Any] | None = None) -> None:
     """A minimal valid card, so the worker's Engine can load the IR for measurement."""
     c = cardmod.build_card(ckpt, name=name, version=version, precision=precision, thresholds={})
+    if heatmap:
+        c["heatmap"] = dict(heatmap)
     c["intended_use"] = cardmod.INTENDED_USE + " (provisional card during conversion)"
     cardmod.write(d, c)
 
@@ -218,9 +224,23 @@ def convert_model(
         if not g16.passed:
             log.error("FP16 weight compression changes this model's output by more than the limit: convert with --fp32")
 
+    # ---- heatmaps (issue 17): the head beside the IR; the worker's Grad-CAM against torch autograd
+    heatmaps: dict[Path, dict[str, Any] | None] = {float_dir: HM.attach(float_dir, model)}
+    hm_info: dict[str, Any] = {}
+    hm_ref: np.ndarray | None = None
+    if heatmaps[float_dir]:
+        t = time.perf_counter()
+        _write_provisional(float_dir, ckpt, name, version, "f32", heatmaps[float_dir])
+        x_hm = x_par[: HM_GATE_IMAGES]
+        ex = HM.exactness(model, compile_ir(ov_fp32, "f32"), float_dir, x_hm, len(classes))
+        hm_ref = ex.pop("reference")
+        gate("heatmap_exact", ex["max_abs_diff"], f"{ex['images']} test images x {len(classes)} classes, FP32 graph")
+        hm_info = {"exactness": ex, "float": HM.deployed_agreement(float_dir, "f32", x_hm, hm_ref),
+                   "seconds": round(time.perf_counter() - t, 1)}
+
     # ---- float IR through the worker's engine (provisional card)
     t = time.perf_counter()
-    _write_provisional(float_dir, ckpt, name, version, "f32")
+    _write_provisional(float_dir, ckpt, name, version, "f32", heatmaps[float_dir])
     probs: dict[str, tuple[np.ndarray, np.ndarray]] = {"torch": (p_torch_test, p_torch_val)}
     probs["ir_f32"] = (_engine_probs(float_dir, "f32", test.x), _engine_probs(float_dir, "f32", val.x))
     if precision_float == "bf16":
@@ -254,7 +274,8 @@ def convert_model(
         ov_static.reshape({ov_static.input(0): ov.PartialShape([1, *input_shape])})
         q = quantize_int8(ov_static, calib.x, preset=o.preset)
         save_ir(q, stage, fp16=not o.fp32)  # the layers left in float: FP16 unless --fp32
-        _write_provisional(stage, ckpt, name, version, "int8")
+        heatmaps[stage] = HM.attach(stage, model)
+        _write_provisional(stage, ckpt, name, version, "int8", heatmaps[stage])
         p8 = (_engine_probs(stage, "int8", test.x), _engine_probs(stage, "int8", val.x))
         int8_info = {"method": "nncf.quantize", "preset": o.preset, "calibration_split": "train", "input": "static [1, C, H, W]",
                      "calibration_images": len(calib), "seconds": round(time.perf_counter() - t, 1)}
@@ -273,12 +294,15 @@ def convert_model(
             for f in ("model.xml", "model.bin", "model.json"):
                 (stage / f).unlink()
             save_ir(q, stage, fp16=not o.fp32)
-            _write_provisional(stage, ckpt, name, version, "int8")
+            heatmaps[stage] = HM.attach(stage, model)
+            _write_provisional(stage, ckpt, name, version, "int8", heatmaps[stage])
             p8 = (_engine_probs(stage, "int8", test.x), _engine_probs(stage, "int8", val.x))
             int8_info.update(method="nncf.quantize_with_accuracy_control", validation_split="val",
                              metric="top-1 agreement with torch", max_drop=0.005,
                              accuracy_control_seconds=round(time.perf_counter() - t, 1))
         probs["ir_int8"] = p8
+        if heatmaps.get(stage) and hm_ref is not None:
+            hm_info["int8"] = HM.deployed_agreement(stage, "int8", x_par[: HM_GATE_IMAGES], hm_ref)
         low_precision_gates("int8", p8[0], int8_info["method"])
 
     deployed = "ir_int8" if o.int8 else ("ir_bf16" if precision_float == "bf16" else "ir_f32")
@@ -311,12 +335,15 @@ def convert_model(
         "parity_images": int(len(idx)),
         "versions": _versions(),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "heatmap": hm_info or None,
     }
     final_card = cardmod.build_card(
         ckpt, name=name, version=version, precision=deployed_precision, thresholds=thresholds,
         calibration=cal, metrics=metrics_block(thresholds, deployed), gates=[g.to_dict() for g in gates],
         conversion={**conversion_info, "float_ir": "float/" if o.int8 else None}, checkpoint_info=checkpoint_info,
     )
+    if heatmaps.get(stage):
+        final_card["heatmap"] = heatmaps[stage]
     cardmod.write(stage, final_card)
     float_card = None
     if o.int8:
@@ -327,6 +354,8 @@ def convert_model(
             conversion={**conversion_info, "note": "float fallback of the INT8 model in the parent directory"},
             checkpoint_info=checkpoint_info, created=final_card["created"],
         )
+        if heatmaps.get(float_dir):
+            float_card["heatmap"] = heatmaps[float_dir]
         cardmod.write(float_dir, float_card)
 
     # ---- the worker reproduces the card (fresh Engine, DICOM preprocessing path, spec from the card)

@@ -15,6 +15,9 @@ Gates (issue 4):
 * ``worker_reproduces``: the worker's ``Engine`` loads the written model directory (card,
   hash check, precision from the card) and, through the worker's DICOM preprocessing path,
   reproduces the card's test metrics (accuracy, balanced accuracy, macro-F1) within 0.005.
+* ``heatmap_exact`` (issue 17, ``conversion.heatmap``): the worker's analytic Grad-CAM on the
+  exported FP32 graph's feature maps against torch autograd Grad-CAM, 8 test images x every
+  class, max |difference| of the maps normalised to [0, 1]: <= 1e-3.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ LIMITS: dict[str, tuple[float, str]] = {
     "bf16_agreement": (0.99, ">="),
     "bf16_accuracy_drop": (0.01, "<="),
     "worker_reproduces": (0.005, "<="),
+    "heatmap_exact": (1e-3, "<="),
 }
 
 _WHAT = {
@@ -54,6 +58,7 @@ _WHAT = {
     "bf16_agreement": "top-1 agreement bf16 vs torch, test split",
     "bf16_accuracy_drop": "accuracy drop torch -> bf16, test split",
     "worker_reproduces": "max |metric diff| worker Engine (DICOM path) vs card, test split",
+    "heatmap_exact": "max |normalised Grad-CAM diff| worker (analytic) vs torch autograd",
 }
 
 
