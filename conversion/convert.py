@@ -380,8 +380,16 @@ def convert_model(
         cardmod.write(d, c)
         (d / "README.md").write_text(cardmod.card_markdown(c) + "\n")  # the same card, for people
 
+    # ---- shortcut attention of the deployed model (issue 17): stage/attention/, summary in the report
+    attention: dict[str, Any] | None = None
+    if heatmaps.get(stage):
+        from conversion.attention import attention_report
+
+        att = attention_report(stage, manifest, stage / "attention", limit=o.test_limit, seed=o.seed)
+        attention = {k: att[k] for k in ("n", "overall", "by_class", "by_source", "source_check_auroc", "figures")}
+
     report = {
-        "out": str(out), "deployed": deployed, "precision": deployed_precision,
+        "out": str(out), "deployed": deployed, "precision": deployed_precision, "attention": attention,
         "gates": [g.to_dict() for g in gates], "thresholds": thresholds, "threshold_calibration": cal,
         "metrics": final_card["metrics"], "conversion": final_card["conversion"],
         "seconds": round(time.perf_counter() - t_start, 1),

@@ -49,6 +49,7 @@ __all__ = [
     "HEATMAP_DISCLAIMER",
     "HEATMAP_SERIES_NUMBER",
     "build_heatmap_sc",
+    "colour_table",
     "colourize",
     "heatmap_uids",
     "overlay_pixels",
@@ -81,7 +82,7 @@ def heatmap_uids(source_sop_instance_uid: str, study_instance_uid: str, model_na
 
 
 @functools.lru_cache(maxsize=1)
-def _colour_table() -> np.ndarray:
+def colour_table() -> np.ndarray:
     """(256, 3) uint8: blue -> cyan -> green -> yellow -> red (a 'jet'-like scale, readable on grey)."""
     stops = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
     rgb = np.array([[0, 0, 255], [0, 255, 255], [0, 255, 0], [255, 255, 0], [255, 0, 0]], dtype=np.float64)
@@ -95,7 +96,7 @@ def colourize(grey: np.ndarray, heat: np.ndarray, alpha: float = ALPHA) -> np.nd
     """``(H, W)`` uint8 grey and ``(H, W)`` heat in [0, 1] -> ``(H, W, 3)`` uint8: the colour of the
     heat blended over the grey with opacity ``alpha * heat`` (no attention: the grey unchanged)."""
     h = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
-    colour = np.take(_colour_table(), (h * 255.0 + 0.5).astype(np.uint8), axis=0).astype(np.float32)
+    colour = np.take(colour_table(), (h * 255.0 + 0.5).astype(np.uint8), axis=0).astype(np.float32)
     g = np.asarray(grey, dtype=np.float32)[..., None]
     a = (np.float32(alpha) * h)[..., None]
     return (g + a * (colour - g) + 0.5).astype(np.uint8)
@@ -130,7 +131,7 @@ def _legend(width: int, scale: int) -> Image.Image:
     x0 = (small.width - bar_w) // 2
     draw.text((max(0, x0 - 26), 1), "low", fill=(255, 255, 255), font=font)
     draw.text((x0 + bar_w + 4, 1), "high", fill=(255, 255, 255), font=font)
-    bar = _colour_table()[np.linspace(0, 255, bar_w).round().astype(int)][None].repeat(bar_h, axis=0)
+    bar = colour_table()[np.linspace(0, 255, bar_w).round().astype(int)][None].repeat(bar_h, axis=0)
     small.paste(Image.fromarray(np.ascontiguousarray(bar)), (x0, 2))
     note = "Grad-CAM: where the model looked (attention, not a finding)"
     while len(note) > 4 and draw.textlength(note, font=font) > small.width - 4:

@@ -79,6 +79,12 @@ def test_every_precision_carries_feature_maps_and_the_head(converted) -> None:  
         probs, maps = engine.infer_maps(x)
         assert [m.shape for m in maps[0]] == [(16, 8, 8), (8, 8, 8)]
         np.testing.assert_allclose(probs, engine.infer(x), atol=1e-6)
+    for res in (fp16, int8):  # the shortcut-attention report of the deployed model
+        att = json.loads((res.out_dir / "attention" / "attention.json").read_text())
+        assert att["n"] == 30 and set(att["by_class"]) == {"normal", "pneumonia", "covid19"}
+        assert 0.0 <= att["overall"]["outside"] <= 1.0 and att["by_source"]
+        assert (res.out_dir / "attention" / "montage_outside.png").is_file()
+        assert json.loads((res.out_dir / "conversion.json").read_text())["attention"]["n"] == 30
     report = json.loads((int8.out_dir / "conversion.json").read_text())["conversion"]["heatmap"]
     assert report["exactness"]["max_abs_diff"] <= 1e-3
     assert report["int8"]["precision"] == "int8" and -1.0 <= report["int8"]["correlation"] <= 1.0
@@ -90,3 +96,18 @@ def test_a_model_without_known_branches_converts_without_heatmaps(fp16_result) -
     assert not (fp16_result.out_dir / "heatmap.npz").exists()
     engine = Engine(fp16_result.out_dir)
     assert engine.heatmap is None and "no 'heatmap' block" in (engine.heatmap_unavailable or "")
+
+
+def test_region_shares_of_known_heatmaps() -> None:
+    from conversion.attention import region_shares
+
+    uniform = region_shares(np.ones((224, 224)))
+    assert uniform["top"] == pytest.approx(28 / 224) and uniform["bottom"] == pytest.approx(28 / 224)
+    assert uniform["outside"] == pytest.approx(1 - (168 * 156) / (224 * 224))  # rows 28..196, columns 34..190
+    top = np.zeros((224, 224))
+    top[:10, 100:120] = 1.0  # a burned-in label at the top edge
+    assert region_shares(top) == {"outside": 1.0, "top": 1.0, "bottom": 0.0}
+    centre = np.zeros((224, 224))
+    centre[100:120, 100:120] = 1.0
+    assert region_shares(centre) == {"outside": 0.0, "top": 0.0, "bottom": 0.0}
+    assert np.isnan(region_shares(np.zeros((8, 8)))["outside"])
