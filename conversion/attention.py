@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CENTRAL", "BAND", "attention_report", "main", "region_shares"]
+__all__ = ["CENTRAL", "BAND", "attention_report", "main", "redistributable", "region_shares"]
 
 #: Central chest region: (row start, row end, column start, column end) as fractions of the input.
 CENTRAL = (0.125, 0.875, 0.15, 0.85)
@@ -56,6 +56,16 @@ CENTRAL = (0.125, 0.875, 0.15, 0.85)
 BAND = 0.125
 _TILE = 112  # px per tile in the PNG figures
 _GRID = 56  # resolution the per-image heatmaps are kept at for the figures
+
+
+def redistributable(licence: str | None) -> bool:
+    """A manifest ``license`` that allows redistribution with credit (the samples' rule,
+    samples/README.md): CC BY (any version), CC0 / public-domain-like ("no restriction"); never
+    NC, ND, unknown or empty."""
+    text = (licence or "").strip().lower()
+    if not text or "unknown" in text or "-nc" in text or "-nd" in text or " nc" in text or " nd" in text:
+        return False
+    return text.startswith("cc by") or text.startswith("cc0") or "no restriction" in text
 
 
 def region_shares(cam: np.ndarray) -> dict[str, float]:
@@ -147,9 +157,15 @@ def _frame_overlay(sq: np.ndarray) -> np.ndarray:
 def attention_report(
     model_dir: str | os.PathLike[str], manifest: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
     split: str = "test", limit: int | None = None, montage: int = 16, precision: str | None = None, seed: int = 0,
+    all_licences: bool = False,
 ) -> dict[str, Any]:
     """Measure, write ``attention.json``, ``attention.md``, ``mean_heatmaps.png`` and
-    ``montage_outside.png`` into ``out_dir``; returns the JSON's content."""
+    ``montage_outside.png`` into ``out_dir``; returns the JSON's content.
+
+    The montage shows the pixels of the images with the largest ``outside`` share among those
+    whose manifest licence allows redistribution (:func:`redistributable`; a manifest without a
+    ``license`` column counts as allowed), so the figure can be committed; ``all_licences`` drops
+    that rule (for a local look only).  The table of the worst images names every image."""
     from conversion.data import load_split, read_manifest
     from worker import heatmap
     from worker.engine import Engine
@@ -165,6 +181,7 @@ def attention_report(
     rows = read_manifest(Path(manifest))
     data = load_split(Path(manifest), split, classes, spec, limit=limit, seed=seed, rows=rows)
     source_of = {r["file"]: r.get("source") or "unknown" for r in rows}
+    licence_ok = {r["file"]: all_licences or "license" not in r or redistributable(r.get("license")) for r in rows}
     sources = [source_of.get(f, "unknown") for f in data.files]
     size = spec.size
     probs_all: list[np.ndarray] = []
@@ -208,21 +225,23 @@ def attention_report(
     _grid(tiles, 4).quantize(256, dither=Image.Dither.NONE).save(out / "mean_heatmaps.png", optimize=True)
     # montage: largest outside share
     outside = np.array([s["outside"] for s in shares], dtype=np.float64)
-    order = [int(i) for i in np.argsort(np.nan_to_num(outside, nan=-1.0))[::-1][:montage]]
+    ranked = [int(i) for i in np.argsort(np.nan_to_num(outside, nan=-1.0))[::-1]]
+    order = ranked[:montage]  # the table: the worst, whatever their licence
+    shown = [i for i in ranked if licence_ok.get(data.files[i], True)][:montage]
     mean_c = np.asarray(spec.mean, np.float32)[0]
     std_c = np.asarray(spec.std, np.float32)[0]
     from worker.overlay import colourize
 
     mtiles = []
-    worst = []
-    for i in order:
+    worst = [{"file": data.files[i], "source": sources[i], "label": true_names[i],
+              "predicted": classes[int(pred[i])], "in_montage": i in shown,
+              **{k: round(v, 4) for k, v in shares[i].items()}} for i in order]
+    for i in shown:
         grey = np.clip((data.x[i, 0] * std_c + mean_c) * 255.0, 0, 255).astype(np.uint8)
         heat = np.asarray(Image.fromarray(cams[i]).resize(grey.shape[::-1], Image.Resampling.BILINEAR))
         rgb = _frame_overlay(colourize(grey, heat))
         name = sources[i].split("/")[-1]
         mtiles.append(_tile(rgb, [name[:20], f"{true_names[i]}->{classes[int(pred[i])]}", f"out {outside[i]:.2f}"]))
-        worst.append({"file": data.files[i], "source": sources[i], "label": true_names[i],
-                      "predicted": classes[int(pred[i])], **{k: round(v, 4) for k, v in shares[i].items()}})
     if mtiles:
         _grid(mtiles, 4).quantize(256, dither=Image.Dither.NONE).save(out / "montage_outside.png", optimize=True)
 
@@ -235,6 +254,8 @@ def attention_report(
         "overall": overall, "by_class": by_class, "by_source": by_source, "by_age_group": by_age,
         "source_check_auroc": source_check,
         "largest_outside": worst,
+        "montage": {"images": [data.files[i] for i in shown],
+                    "licences": "all" if all_licences else "redistributable only (CC BY, CC0 / no restriction)"},
         "figures": {"mean_heatmaps": "mean_heatmaps.png", "montage": "montage_outside.png" if mtiles else None},
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -274,11 +295,13 @@ def markdown(report: Mapping[str, Any]) -> str:
     for title, key in (("class", "by_class"), ("source", "by_source"), ("age group", "by_age_group")):
         for name, r in report[key].items():
             lines.append(row(f"{title}: {name}", r))
-    lines += ["", f"Largest outside share ({len(report['largest_outside'])} images, in `montage_outside.png`):", "",
-              "| file | source | label -> predicted | outside % | top % | bottom % |", "|---|---|---|---:|---:|---:|"]
+    lines += ["", f"Largest outside share ({len(report['largest_outside'])} images; `montage_outside.png` shows the "
+              f"{len(report['montage']['images'])} largest whose licence is {report['montage']['licences']}):", "",
+              "| file | source | label -> predicted | outside % | top % | bottom % | in montage |",
+              "|---|---|---|---:|---:|---:|---|"]
     for w in report["largest_outside"]:
         lines.append(f"| {w['file']} | {w['source']} | {w['label']} -> {w['predicted']} | {_pct(w['outside'])} | "
-                     f"{_pct(w['top'])} | {_pct(w['bottom'])} |")
+                     f"{_pct(w['top'])} | {_pct(w['bottom'])} | {'yes' if w['in_montage'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -291,11 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="a stratified subset (smoke runs only)")
     ap.add_argument("--montage", type=int, default=16)
     ap.add_argument("--precision", default=None)
+    ap.add_argument("--all-licences", action="store_true",
+                    help="montage from every image, whatever its licence (a local look; do not commit it)")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         attention_report(args.model, args.manifest, args.out, split=args.split, limit=args.limit,
-                         montage=args.montage, precision=args.precision)
+                         montage=args.montage, precision=args.precision, all_licences=args.all_licences)
     except (RuntimeError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

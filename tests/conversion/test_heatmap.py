@@ -111,3 +111,12 @@ def test_region_shares_of_known_heatmaps() -> None:
     centre[100:120, 100:120] = 1.0
     assert region_shares(centre) == {"outside": 0.0, "top": 0.0, "bottom": 0.0}
     assert np.isnan(region_shares(np.zeros((8, 8)))["outside"])
+
+
+def test_montage_shows_only_redistributable_images() -> None:
+    from conversion.attention import redistributable
+
+    for ok in ("CC BY 4.0 (Kermany et al. 2018)", "CC BY 3.0", "CC BY", "CC0-like, NIH Clinical Center, no restriction"):
+        assert redistributable(ok), ok
+    for no in ("unknown", "CC BY-NC-SA 4.0", "CC BY-NC-ND", "CC BY-NC-SA", "", None):
+        assert not redistributable(no), no
