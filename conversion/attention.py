@@ -235,7 +235,7 @@ def attention_report(
     mtiles = []
     worst = [{"file": data.files[i], "source": sources[i], "label": true_names[i],
               "predicted": classes[int(pred[i])], "in_montage": i in shown,
-              **{k: round(v, 4) for k, v in shares[i].items()}} for i in order]
+              **{k: (round(v, 4) if np.isfinite(v) else None) for k, v in shares[i].items()}} for i in order]
     for i in shown:
         grey = np.clip((data.x[i, 0] * std_c + mean_c) * 255.0, 0, 255).astype(np.uint8)
         heat = np.asarray(Image.fromarray(cams[i]).resize(grey.shape[::-1], Image.Resampling.BILINEAR))
@@ -268,7 +268,7 @@ def attention_report(
 
 
 def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * float(v):.1f}"
+    return "-" if v is None or not np.isfinite(float(v)) else f"{100 * float(v):.1f}"
 
 
 def markdown(report: Mapping[str, Any]) -> str:

@@ -61,9 +61,10 @@ def to_openvino(model: nn.Module, input_shape: tuple[int, int, int], *, heatmap:
     # Issue 17: the branches' last feature maps as extra outputs (conversion.heatmap), when known.
     from conversion.heatmap import export_model
 
-    wrapped, map_names = export_model(model) if heatmap else (None, [])
-    wrapped = wrapped if wrapped is not None else ProbabilityModel(model).eval()
     example = torch.zeros(1, c, h, w, dtype=torch.float32)
+    probe = torch.linspace(-2.0, 2.0, c * h * w, dtype=torch.float32).reshape(1, c, h, w)  # not all-zero
+    wrapped, map_names = export_model(model, probe) if heatmap else (None, [])
+    wrapped = wrapped if wrapped is not None else ProbabilityModel(model).eval()
     with torch.no_grad():
         ov_model = ov.convert_model(wrapped, example_input=example, input=[ov.PartialShape([-1, c, h, w])])
     ov_model.inputs[0].get_tensor().set_names({"input"})

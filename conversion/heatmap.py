@@ -131,15 +131,28 @@ class FeatureMapModel(nn.Module):
         return (z if self.logits else torch.softmax(z, dim=1), *maps)
 
 
-def export_model(model: nn.Module) -> tuple[nn.Module | None, list[str]]:
+def export_model(model: nn.Module, example: torch.Tensor | None = None) -> tuple[nn.Module | None, list[str]]:
     """The module to export with heatmap outputs and their names, or ``(None, [])`` (log line) when
-    the model is not one whose branches are known."""
+    the model is not one whose branches are known, or when (checked on ``example``, when given)
+    the rebuilt forward does not reproduce the model's probabilities (a wrapped or modified model,
+    e.g. one prepared for quantisation-aware training): then the model is exported as it is."""
     parts = branches(model)
     if parts is None:
         log.warning("heatmaps: %s is not a hybrid/single-backbone model; exported without feature-map outputs",
                     type(model).__name__)
         return None, []
-    return FeatureMapModel(model, parts).eval(), [n for n, _ in parts]
+    fm = FeatureMapModel(model, parts).eval()
+    if example is not None:  # compare logits: saturated probabilities would hide a difference
+        with torch.no_grad():
+            want = model(example)
+            got = FeatureMapModel(model, parts, logits=True).eval()(example)[0]
+        diff = float((want - got).abs().max()) if want.shape == got.shape else float("inf")
+        scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+        if not diff <= 1e-4 * scale:
+            log.warning("heatmaps: the feature-map forward of %s differs from its own (max |logit diff| %.3g); "
+                        "exported without feature-map outputs", type(model).__name__, diff)
+            return None, []
+    return fm, [n for n, _ in parts]
 
 
 def write_head(model_dir: str | os.PathLike[str], model: nn.Module, ir_outputs: list[str]) -> dict[str, Any] | None:
@@ -251,7 +264,7 @@ def deployed_agreement(model_dir: str | os.PathLike[str], precision: str, x: np.
             "mean_abs_diff": float(diff.mean()), "correlation": correlation(got, reference)}
 
 
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
+def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     """Mean over maps of the Pearson correlation of two stacks of heatmaps ``(..., H, W)``."""
     a2 = a.reshape(-1, a.shape[-2] * a.shape[-1])
     b2 = b.reshape(-1, b.shape[-2] * b.shape[-1])
@@ -259,4 +272,4 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     for u, v in zip(a2, b2):
         if u.std() > 0 and v.std() > 0:
             r.append(float(np.corrcoef(u, v)[0, 1]))
-    return float(np.mean(r)) if r else float("nan")
+    return float(np.mean(r)) if r else None  # type: ignore[return-value]  # no map varies: undefined (JSON null)

@@ -133,7 +133,7 @@ def _legend(width: int, scale: int) -> Image.Image:
     draw.text((x0 + bar_w + 4, 1), "high", fill=(255, 255, 255), font=font)
     bar = colour_table()[np.linspace(0, 255, bar_w).round().astype(int)][None].repeat(bar_h, axis=0)
     small.paste(Image.fromarray(np.ascontiguousarray(bar)), (x0, 2))
-    note = "Grad-CAM: where the model looked (attention, not a finding)"
+    note = "Grad-CAM: where the model looked, not a finding"
     while len(note) > 4 and draw.textlength(note, font=font) > small.width - 4:
         note = note[:-4] + "..."
     draw.text((max(2, (small.width - int(draw.textlength(note, font=font))) // 2), 14), note,
@@ -162,11 +162,13 @@ def overlay_pixels(
     view = _crop(np.asarray(grey8, dtype=np.uint8), crop)
     n = len(cams)
     gap = 8
-    side = int(min(view.shape[0] if crop != "none" else max(view.shape), (MAX_SIDE - gap * (n - 1)) // n, 640))
+    # panels of 320-512 px: small sources are enlarged (a display rendering; the banner and legend
+    # stay legible), large ones reduced; n panels side by side fit MAX_SIDE
+    side = int(min(max(max(view.shape), 320), 512, (MAX_SIDE - gap * (n - 1)) // n))
     vh, vw = view.shape
     ph, pw = (side, side) if vh == vw else (max(1, round(side * vh / max(vh, vw))), max(1, round(side * vw / max(vh, vw))))
     width = pw * n + gap * (n - 1)
-    scale = int(max(1, min(3, width // 330)))
+    scale = int(max(1, min(3, width // 250)))
     top = _text_block(list(banner), width, scale)
     panels = Image.new("RGB", (width, ph), (0, 0, 0))
     grey_img = Image.fromarray(np.ascontiguousarray(view))

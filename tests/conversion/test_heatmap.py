@@ -120,3 +120,23 @@ def test_montage_shows_only_redistributable_images() -> None:
         assert redistributable(ok), ok
     for no in ("unknown", "CC BY-NC-SA 4.0", "CC BY-NC-ND", "CC BY-NC-SA", "", None):
         assert not redistributable(no), no
+
+
+def test_a_model_whose_rebuilt_forward_differs_is_exported_without_maps(hybrid, caplog: pytest.LogCaptureFixture) -> None:
+    """A wrapped or modified model (say, one prepared for QAT) whose forward is not
+    head(concat(GAP(branches))) is exported as it is, with a log line, never with wrong maps."""
+    from conversion.export import to_openvino
+    from tinyconv import TinyHybrid
+
+    class Shifted(TinyHybrid):
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            return super().forward(x) + torch.tensor([0.0, 0.0, 3.0])
+
+    model, _ = hybrid
+    shifted = Shifted()
+    shifted.load_state_dict(model.state_dict())
+    with caplog.at_level("WARNING", logger="conversion.heatmap"):
+        ov_model = to_openvino(shifted.eval(), (3, 32, 32))
+    assert len(ov_model.outputs) == 1
+    assert any("differs from its own" in r.getMessage() for r in caplog.records)
+    assert len(to_openvino(model, (3, 32, 32)).outputs) == 3
