@@ -43,6 +43,7 @@ from torch import nn
 
 from conversion import card as cardmod
 from conversion import gates as G
+from conversion import heatmap as HM
 from conversion.data import Split, label_column, load_split, read_manifest, sha256_file, spec_from_checkpoint
 from conversion.export import compile_ir, ir_probabilities, save_ir, to_openvino, torch_probabilities
 from conversion.metrics import DEFAULT_TARGETS, calibrate_thresholds, grouped_metrics
@@ -55,6 +56,8 @@ __all__ = ["ConvertOptions", "ConversionResult", "convert_checkpoint", "convert_
 
 _OVERALL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1")
 _INT8_METHODS = ("ptq", "qat")
+#: Test images of the heatmap_exact gate (torch autograd costs ~5 s per image and class on 2 cores).
+HM_GATE_IMAGES = 8
 
 
 @dataclass
@@ -222,6 +225,9 @@ class _Conversion:
         self.probs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (test, val) probabilities
         self.int8_info: dict[str, Any] = {}
         self.candidates: dict[str, dict[str, Any]] = {}
+        self.heatmaps: dict[Path, dict[str, Any] | None] = {}  # model dir -> card "heatmap" block (issue 17)
+        self.hm_info: dict[str, Any] = {}
+        self.hm_ref: np.ndarray | None = None
         self.stage = out.with_name(out.name + ".partial")
         self.rejected = out.with_name(out.name + ".rejected")
         self.qat_dir = out.with_name(out.name + ".qat")
@@ -240,6 +246,8 @@ class _Conversion:
     def provisional_card(self, d: Path, precision: str) -> None:
         """A minimal valid card, so the worker's Engine can load the IR for measurement."""
         c = cardmod.build_card(self.ckpt, name=self.name, version=self.version, precision=precision, thresholds={})
+        if self.heatmaps.get(d):
+            c["heatmap"] = dict(self.heatmaps[d] or {})
         c["intended_use"] = cardmod.INTENDED_USE + " (provisional card during conversion)"
         cardmod.write(d, c)
 
@@ -292,7 +300,34 @@ class _Conversion:
                 shutil.rmtree(d)
         self.stage.mkdir(parents=True)
         save_ir(ov_fp32, self.float_dir, fp16=not self.o.fp32)
+        self.heatmap_gate(ov_fp32)
         return ov_fp32
+
+    def heatmap_gate(self, ov_fp32: ov.Model) -> None:
+        """Issue 17: the head beside the float IR; the worker's Grad-CAM against torch autograd."""
+        d = self.float_dir
+        self.heatmaps[d] = HM.attach(d, self.model)
+        if not self.heatmaps[d]:
+            return
+        t = time.perf_counter()
+        self.provisional_card(d, "f32")
+        x_hm = self.test.x[self.parity_idx][:HM_GATE_IMAGES]
+        ex = HM.exactness(self.model, compile_ir(ov_fp32, "f32"), d, x_hm, len(self.classes))
+        self.hm_ref = ex.pop("reference")
+        self.gate(G.check("heatmap_exact", ex["max_abs_diff"],
+                          f"{ex['images']} test images x {len(self.classes)} classes, FP32 graph",
+                          limit=self.limits.get("heatmap_exact")))
+        self.hm_info = {"exactness": ex, "float": HM.deployed_agreement(d, "f32", x_hm, self.hm_ref),
+                        "seconds": round(time.perf_counter() - t, 1)}
+
+    def attach_heatmap(self, d: Path, model: nn.Module, precision: str) -> None:
+        """The head beside an IR written to ``d`` (provisional card included) and, for the deployed
+        INT8 IR, how far its heatmaps are from the float reference."""
+        self.heatmaps[d] = HM.attach(d, model)
+        self.provisional_card(d, precision)
+        if d == self.stage and precision == "int8" and self.heatmaps[d] and self.hm_ref is not None:
+            self.hm_info["int8"] = HM.deployed_agreement(d, "int8", self.test.x[self.parity_idx][:HM_GATE_IMAGES],
+                                                         self.hm_ref)
 
     def measure_float(self) -> None:
         """The float IR through the worker's engine (provisional card), at f32 and, if asked, bf16."""
@@ -314,7 +349,7 @@ class _Conversion:
         scope = float_scope(static, o.int8_float)
         ptq_dir = self.stage / "ptq" if self.int8_method == "qat" else self.stage
         save_ir(quantize_int8(static, self.calib.x, preset=o.preset, ignored_scope=scope), ptq_dir, fp16=not o.fp32)
-        self.provisional_card(ptq_dir, "int8")
+        self.attach_heatmap(ptq_dir, self.model, "int8")
         key = "ir_int8_ptq" if self.int8_method == "qat" else "ir_int8"
         self.probs[key] = self.engine_probs(ptq_dir, "int8")
         ptq: dict[str, Any] = {"method": "nncf.quantize", "preset": o.preset, "calibration_split": "train",
@@ -333,7 +368,7 @@ class _Conversion:
                 for f in ("model.xml", "model.bin", "model.json"):
                     (self.stage / f).unlink()
                 save_ir(q, self.stage, fp16=not o.fp32)
-                self.provisional_card(self.stage, "int8")
+                self.attach_heatmap(self.stage, self.model, "int8")
                 self.probs["ir_int8"] = self.engine_probs(self.stage, "int8")
                 ptq.update(method="nncf.quantize_with_accuracy_control", validation_split="val",
                            metric="top-1 agreement with torch", max_drop=0.005,
@@ -356,7 +391,7 @@ class _Conversion:
         ov_q = to_openvino(qmodel, self.input_shape)
         info["dynamic_batch_check"] = _dynamic_batch_check(ov_q, self.test.x)
         save_ir(_static_batch1(ov_q, self.input_shape), self.stage, fp16=not self.o.fp32)
-        self.provisional_card(self.stage, "int8")
+        self.attach_heatmap(self.stage, qmodel, "int8")
         self.probs["ir_int8"] = self.engine_probs(self.stage, "int8")
         # torch QAT model vs its INT8 IR: the export itself must not move the numbers
         p_q = torch_probabilities(qmodel, self.test.x[self.parity_idx])
@@ -408,6 +443,7 @@ class _Conversion:
             "parity_images": int(len(self.parity_idx)),
             "versions": _versions(),
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
+            "heatmap": self.hm_info or None,
         }
         cal = self.calibration(self.deployed)
         self.cal = cal
@@ -417,6 +453,8 @@ class _Conversion:
             conversion={**self.conversion_info, "float_ir": "float/" if self.int8_method else None},
             checkpoint_info=self.checkpoint_info,
         )
+        if self.heatmaps.get(self.stage):
+            self.final_card["heatmap"] = self.heatmaps[self.stage]
         cardmod.write(self.stage, self.final_card)
         self.checks: list[tuple[Path, dict[str, Any], str]] = [(self.stage, self.final_card, self.deployed)]
         if self.int8_method:
@@ -427,6 +465,8 @@ class _Conversion:
                 conversion={**self.conversion_info, "note": "float fallback of the INT8 model in the parent directory"},
                 checkpoint_info=self.checkpoint_info, created=self.final_card["created"],
             )
+            if self.heatmaps.get(self.float_dir):
+                float_card["heatmap"] = self.heatmaps[self.float_dir]
             cardmod.write(self.float_dir, float_card)
             self.checks.append((self.float_dir, float_card, "ir_f32"))
 
@@ -453,9 +493,19 @@ class _Conversion:
             cardmod.write(d, c)
             (d / "README.md").write_text(cardmod.card_markdown(c) + "\n")  # the same card, for people
 
+    def shortcut_attention(self) -> dict[str, Any] | None:
+        """Shortcut attention of the deployed model (issue 17): stage/attention/, summary in the report."""
+        if not self.heatmaps.get(self.stage):
+            return None
+        from conversion.attention import attention_report
+
+        att = attention_report(self.stage, self.manifest, self.stage / "attention", limit=self.o.test_limit, seed=self.o.seed)
+        return {k: att[k] for k in ("n", "overall", "by_class", "by_source", "source_check_auroc", "figures")}
+
     def finish(self) -> ConversionResult:
         report = {
             "out": str(self.out), "deployed": self.deployed, "precision": self.deployed_precision,
+            "attention": self.shortcut_attention(),
             "gates": [g.to_dict() for g in self.gates], "thresholds": self.cal["thresholds"],
             "threshold_calibration": self.cal, "metrics": self.final_card["metrics"],
             "conversion": self.final_card["conversion"], "seconds": round(time.perf_counter() - self.t_start, 1),

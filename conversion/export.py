@@ -50,19 +50,27 @@ class ProbabilityModel(nn.Module):
         return torch.softmax(self.model(x), dim=1)
 
 
-def to_openvino(model: nn.Module, input_shape: tuple[int, int, int]) -> ov.Model:
+def to_openvino(model: nn.Module, input_shape: tuple[int, int, int], *, heatmap: bool = True) -> ov.Model:
     """Convert ``model`` (returning logits) to an in-memory FP32 ``ov.Model`` that returns probabilities.
 
     ``input_shape`` is ``(C, H, W)``; the IR input is ``[?, C, H, W]`` float32, named ``input``,
-    the output ``probabilities``.
+    the first output ``probabilities``.  With ``heatmap`` (default) a hybrid or single-backbone
+    model gets one more output per branch, its last feature maps (``conversion.heatmap``).
     """
     c, h, w = input_shape
-    wrapped = ProbabilityModel(model).eval()
+    # Issue 17: the branches' last feature maps as extra outputs (conversion.heatmap), when known.
+    from conversion.heatmap import export_model
+
     example = torch.zeros(1, c, h, w, dtype=torch.float32)
+    probe = torch.linspace(-2.0, 2.0, c * h * w, dtype=torch.float32).reshape(1, c, h, w)  # not all-zero
+    wrapped, map_names = export_model(model, probe) if heatmap else (None, [])
+    wrapped = wrapped if wrapped is not None else ProbabilityModel(model).eval()
     with torch.no_grad():
         ov_model = ov.convert_model(wrapped, example_input=example, input=[ov.PartialShape([-1, c, h, w])])
     ov_model.inputs[0].get_tensor().set_names({"input"})
     ov_model.outputs[0].get_tensor().set_names({"probabilities"})
+    for out, name in zip(ov_model.outputs[1:], map_names):
+        out.get_tensor().set_names({name})
     return ov_model
 
 

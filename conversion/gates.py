@@ -26,6 +26,9 @@ Gates (issue 4):
 * ``worker_reproduces``: the worker's ``Engine`` loads the written model directory (card,
   hash check, precision from the card) and, through the worker's DICOM preprocessing path,
   reproduces the card's test metrics (accuracy, balanced accuracy, macro-F1) within 0.005.
+* ``heatmap_exact`` (issue 17, ``conversion.heatmap``): the worker's analytic Grad-CAM on the
+  exported FP32 graph's feature maps against torch autograd Grad-CAM, 8 test images x every
+  class, max |difference| of the maps normalised to [0, 1]: <= 1e-3.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ __all__ = [
 LIMITS: dict[str, tuple[float, str]] = {
     "parity_fp32": (1e-4, "<="),
     "worker_reproduces": (0.005, "<="),
+    "heatmap_exact": (1e-3, "<="),
 }
 
 #: Candidate precisions (the prefix of a candidate gate's name).
@@ -80,6 +84,7 @@ _CANDIDATE_WHAT = {
 _WHAT = {
     "parity_fp32": "max |softmax diff| torch vs FP32 IR (f32 hint)",
     "worker_reproduces": "max |metric diff| worker Engine (DICOM path) vs card, test split",
+    "heatmap_exact": "max |normalised Grad-CAM diff| worker (analytic) vs torch autograd",
 }
 
 

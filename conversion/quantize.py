@@ -52,28 +52,41 @@ def float_scope(ov_model: ov.Model, parts: Iterable[str]) -> nncf.IgnoredScope |
     if len(concats) != 1:
         raise ValueError(f"--int8-float needs the hybrid (one feature concatenation), found {len(concats)} Concat ops")
     cat = concats[0]
-    names: set[str] = set()
-    for part in parts:
-        if part == "head":
-            stack = [t.get_node() for out in cat.outputs() for t in out.get_target_inputs()]
-            follow = lambda n: [t.get_node() for out in n.outputs() for t in out.get_target_inputs()]  # noqa: E731
-        else:
-            ins = [i for i in cat.inputs()
-                   if any(f".{part}{sep}" in i.get_source_output().get_node().get_friendly_name() for sep in "/.")]
-            if len(ins) != 1:
-                raise ValueError(f"--int8-float {part}: no branch of that name feeds the feature concatenation")
-            stack = [ins[0].get_source_output().get_node()]
-            follow = lambda n: [i.get_source_output().get_node() for i in n.inputs()]  # noqa: E731
-        seen: set[str] = set()
+
+    def walk(start: list[Any], follow: Any) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        stack = list(start)
         while stack:
             n = stack.pop()
             name = n.get_friendly_name()
             if name in seen or n.get_type_name() in ("Parameter", "Result"):
                 continue
-            seen.add(name)
-            if n.get_type_name() in _COMPUTE:
-                names.add(name)
+            seen[name] = n
             stack += follow(n)
+        return seen
+
+    def upstream(n: Any) -> list[Any]:
+        return [i.get_source_output().get_node() for i in n.inputs()]
+
+    def downstream(n: Any) -> list[Any]:
+        return [t.get_node() for out in n.outputs() for t in out.get_target_inputs()]
+
+    def labels(nodes: dict[str, Any]) -> str:
+        """Friendly names and output tensor names: the exporter keeps the branch's module path in
+        some of them (``__module.model.mobilenet.features...``, ``features_mobilenet_v2``)."""
+        return " ".join([*nodes, *(t for n in nodes.values() for o in n.outputs() for t in o.get_names())])
+
+    branches = [walk([i.get_source_output().get_node()], upstream) for i in cat.inputs()]
+    names: set[str] = set()
+    for part in parts:
+        if part == "head":
+            nodes = walk(downstream(cat), downstream)
+        else:
+            hits = [b for b in branches if any(f"{sep}{part}" in labels(b) for sep in "._")]
+            if len(hits) != 1:
+                raise ValueError(f"--int8-float {part}: no single branch of that name feeds the feature concatenation")
+            nodes = hits[0]
+        names |= {name for name, n in nodes.items() if n.get_type_name() in _COMPUTE}
     log.info("INT8 mixed precision: %d compute operations of %s stay in float", len(names), "+".join(parts))
     return nncf.IgnoredScope(names=sorted(names))
 

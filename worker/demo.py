@@ -271,6 +271,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         else settings.result_destinations
 
     _say(f"model: {card.name} {card.version} ({card.precision}), classes {', '.join(card.classes)}")
+    want_heatmaps = bool(args.heatmap or settings.send.heatmap)
+    if want_heatmaps:  # issue 17: say at once when this model cannot give them
+        from worker import heatmap as heatmapmod
+
+        try:
+            heatmapmod.load(card)
+            _say("heatmaps: on (a colour Secondary Capture per image, referenced from its SR)")
+        except heatmapmod.HeatmapUnavailable as exc:
+            _say(f"heatmaps: asked for, but not available: {exc}")
     _say(f"data folder: {data_dir.resolve()}")
     cmd = [sys.executable, "-m", "worker.cli", "serve", "--data-dir", str(data_dir), "--bind", host,
            "--port", str(port), "--model", str(model_dir)]
@@ -284,6 +293,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     _say(f"starting the node: {aet} on {host}:{port} (log: {log_path})")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("CXR_TRIAGE_CONFIG", "")  # never the host's /etc/cxr-triage/node.toml (a production node's PACS)
+    if args.heatmap:
+        env["CXR_TRIAGE_SEND_HEATMAP"] = "true"
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
@@ -346,6 +357,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             where = d.path.resolve() if d.type == "folder" else f"{d.ae_title}@{d.host}:{d.port}"
             _say(f"SR objects ({d.name}): {where}")
+            if want_heatmaps and d.type == "folder":
+                n_hm = _count_heatmaps(d.path)
+                _say(f"heatmap Secondary Captures ({d.name}): {n_hm} in {where} (series 'AI heatmap - not for diagnosis')")
         _say(f"the triage database: cxr-triage query --data-dir {data_dir}")
         if args.web_port is not None:
             _say(f"the worklist page: http://127.0.0.1:{args.web_port}/")
@@ -362,6 +376,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"node stopped (exit {code})")
 
 
+def _count_heatmaps(folder: Path) -> int:
+    """Heatmap SCs (worker/overlay.py) among the result files in ``folder``."""
+    from pydicom import dcmread
+
+    from worker.overlay import HEATMAP_DISCLAIMER
+
+    n = 0
+    for p in folder.glob("*") if folder.is_dir() else []:
+        try:
+            ds = dcmread(p, stop_before_pixels=True, specific_tags=["SeriesDescription"])
+        except Exception:  # noqa: BLE001 - not a DICOM file: not a heatmap
+            continue
+        n += str(ds.get("SeriesDescription", "")) == HEATMAP_DISCLAIMER
+    return n
+
+
 def add_parser(sub: Any, common: Any) -> None:
     """The ``demo`` subcommand's options (``common`` adds the shared ones)."""
     p = sub.add_parser("demo", help="start a node, send it the sample studies, print the triage table, stop")
@@ -375,5 +405,7 @@ def add_parser(sub: Any, common: Any) -> None:
     p.add_argument("--keep-running", action="store_true", help="leave the node running after the table")
     p.add_argument("--web-port", type=int, metavar="N", help="also serve the worklist page on 127.0.0.1:N (extra: web)")
     p.add_argument("--pynetdicom", action="store_true", help="send with pynetdicom even when storescu is installed")
+    p.add_argument("--heatmap", action="store_true",
+                   help="also send a heatmap Secondary Capture per image [send.heatmap]; needs a model with heatmap outputs")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results (default 300)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the node to start")

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
+from worker import heatmap as heatmapmod
 from worker.modelcard import PRECISIONS, ModelCard, ModelCardError
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class Engine:
         compiled: the :class:`openvino.CompiledModel` (for reading properties).
         num_requests: size of the infer-request pool (``OPTIMAL_NUMBER_OF_INFER_REQUESTS``).
         num_streams: the CPU streams the compiled model uses.
+        heatmap: the model's :class:`worker.heatmap.Head` when the IR has feature-map outputs
+            and the card a ``heatmap`` block (issue 17), else None; ``heatmap_unavailable``
+            then says why in one sentence.
 
     :meth:`infer` is serialised by a lock, so one Engine can be shared between threads;
     concurrency comes from the request pool, not from callers.
@@ -140,7 +144,17 @@ class Engine:
             model = core.read_model(str(card.xml_path), str(card.bin_path))
         except Exception as exc:  # OpenVINO raises RuntimeError with a long C++ trace
             raise ModelCardError(f"{card.xml_path}: OpenVINO cannot read the IR: {exc}") from None
-        self._check_and_reshape(model)
+        self._class_output = self._check_and_reshape(model)
+        self.heatmap: heatmapmod.Head | None = None
+        self.heatmap_unavailable: str | None = None
+        try:
+            self.heatmap = heatmapmod.load(card, [set(o.get_names()) for o in model.outputs])
+        except heatmapmod.HeatmapUnavailable as exc:
+            self.heatmap_unavailable = str(exc)
+        self._map_outputs: list[int] = []
+        if self.heatmap is not None:
+            names = [set(o.get_names()) for o in model.outputs]
+            self._map_outputs = [next(i for i, n in enumerate(names) if o in n) for o in self.heatmap.outputs]
 
         config: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": hint}
         if streams is not None:
@@ -171,16 +185,24 @@ class Engine:
 
     # ------------------------------------------------------------------ setup
 
-    def _check_and_reshape(self, model: ov.Model) -> None:
-        """Check the IR's single input/output against the card, then fix the input to ``[1, C, H, W]``."""
+    def _check_and_reshape(self, model: ov.Model) -> int:
+        """Check the IR's single input and its class output against the card, then fix the input to
+        ``[1, C, H, W]``.  Returns the index of the class output.
+
+        Besides the class output an IR may have feature-map outputs for heatmaps (issue 17,
+        :mod:`worker.heatmap`); the class output is the one named like the card's ``output``
+        (``probabilities`` / ``logits``) or, failing that, the first.
+        """
         card = self.card
         c, h, w = card.input_shape
         where = str(card.xml_path)
-        if len(model.inputs) != 1 or len(model.outputs) != 1:
+        if len(model.inputs) != 1 or len(model.outputs) < 1:
             raise ModelCardError(
-                f"{where}: the model must have exactly one input and one output "
+                f"{where}: the model must have exactly one input and at least one output "
                 f"(has {len(model.inputs)} and {len(model.outputs)})"
             )
+        named = [i for i, o in enumerate(model.outputs) if card.output in o.get_names()]
+        index = named[0] if named else 0
         ishape = model.input(0).get_partial_shape()
         if ishape.rank.is_dynamic or ishape.rank.get_length() != 4:
             raise ModelCardError(f"{where}: input shape {ishape} is not 4-D NCHW")
@@ -195,29 +217,32 @@ class Engine:
             model.reshape({model.input(0): ov.PartialShape([1, c, h, w])})
         except Exception as exc:
             raise ModelCardError(f"{where}: cannot fix the input shape to [1, {c}, {h}, {w}]: {exc}") from None
-        oshape = model.output(0).get_partial_shape()
+        oshape = model.output(index).get_partial_shape()
         n = len(card.classes)
         if oshape.is_dynamic or list(oshape.to_shape()) != [1, n]:
             raise ModelCardError(
                 f"{where}: output shape for one image is {oshape}, expected [1, {n}] "
                 f"({n} classes in {card.card_path})"
             )
+        return index
 
     def _new_queue(self) -> ov.AsyncInferQueue:
         queue = ov.AsyncInferQueue(self.compiled, self.num_requests)
         queue.set_callback(self._on_done)
         return queue
 
-    @staticmethod
-    def _on_done(request: ov.InferRequest, userdata: tuple[np.ndarray, np.ndarray, list[str], int]) -> None:
-        """Copy one request's output row into the caller's array (runs on an OpenVINO thread).
+    def _on_done(self, request: ov.InferRequest, userdata: tuple[np.ndarray, np.ndarray, list[str], int, list[Any] | None]) -> None:
+        """Copy one request's output row (and, when ``maps`` is a list, its feature maps) into the
+        caller's arrays (runs on an OpenVINO thread).
 
         It must never raise: AsyncInferQueue re-raises callback exceptions at a later,
         unrelated ``start_async`` call.
         """
-        out, filled, errors, i = userdata
+        out, filled, errors, i, maps = userdata
         try:
-            out[i] = request.get_output_tensor(0).data.reshape(-1)
+            out[i] = request.get_output_tensor(self._class_output).data.reshape(-1)
+            if maps is not None:
+                maps[i] = [np.array(request.get_output_tensor(k).data[0], dtype=np.float32) for k in self._map_outputs]
             filled[i] = True
         except BaseException as exc:  # noqa: BLE001 - reported by infer()
             errors.append(f"image {i}: {type(exc).__name__}: {exc}")
@@ -240,6 +265,20 @@ class Engine:
     # ------------------------------------------------------------------ inference
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities for a batch of preprocessed images (see :meth:`infer_maps`)."""
+        return self._run(batch, None)
+
+    def infer_maps(self, batch: np.ndarray) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+        """:meth:`infer` plus each image's feature maps (one ``(C_b, h_b, w_b)`` float32 array per
+        branch, in ``heatmap.outputs`` order), from the same inference.  Raises RuntimeError when
+        the model has no heatmap outputs (:attr:`heatmap_unavailable` says why)."""
+        if self.heatmap is None:
+            raise RuntimeError(f"no heatmaps from this model: {self.heatmap_unavailable}")
+        maps: list[Any] = [None] * int(np.asarray(batch).shape[0]) if np.asarray(batch).ndim == 4 else []
+        probs = self._run(batch, maps)
+        return probs, maps
+
+    def _run(self, batch: np.ndarray, maps: list[Any] | None) -> np.ndarray:
         """Class probabilities for a batch of preprocessed images.
 
         Args:
@@ -285,7 +324,7 @@ class Engine:
                 for i in range(n):
                     # arr[i:i+1] is a contiguous view: shared with the request, no copy.  It stays
                     # alive until wait_all() returns because `arr` does.
-                    self._queue.start_async({0: arr[i : i + 1]}, (raw, filled, errors, i), share_inputs=True)
+                    self._queue.start_async({0: arr[i : i + 1]}, (raw, filled, errors, i, maps), share_inputs=True)
             except Exception as exc:
                 self._recover_queue()
                 raise RuntimeError(f"inference failed to start: {exc}") from exc

@@ -233,7 +233,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), nullable=False, index=True)
     destination: Mapped[str] = mapped_column(String(64), nullable=False)
-    kind: Mapped[str] = mapped_column(String(8), nullable=False)  # sr | sc | hl7 | fhir
+    kind: Mapped[str] = mapped_column(String(8), nullable=False)  # sr | sc | heatmap | hl7 | fhir
     sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False)
     path: Mapped[str] = mapped_column(String(255), nullable=False)

@@ -91,6 +91,8 @@ def load_engine(settings: Settings) -> "Engine":
 
     engine = Engine(model_dir(settings), precision=settings.model.precision)
     PriorityMap.build(engine.card, settings.triage.priorities, settings.triage.thresholds)  # fail at start-up
+    if settings.send.heatmap and engine.heatmap is None:
+        log.warning("send.heatmap is on, but no heatmap Secondary Captures will be sent: %s", engine.heatmap_unavailable)
     return engine
 
 

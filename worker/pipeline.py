@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from worker import audit as audit_log
-from worker import filters, imaging, jobs, results, sender
+from worker import filters, heatmap, imaging, jobs, overlay, results, sender
 from worker.engine import Engine
 from worker.jobs import Outcome, State
 from worker.priority import PriorityMap
@@ -129,6 +129,8 @@ def run_batch(
     pmap = PriorityMap.build(card, settings.triage.priorities, settings.triage.thresholds)
     spec = imaging.PreprocessSpec.from_card(engine.card.raw)
     spec = imaging.PreprocessSpec(**{**spec.__dict__, "max_bytes": settings.model.max_image_mb * 2**20})
+    # issue 17: heatmap SCs when asked for and the model can give them (load_engine logs why not)
+    with_heatmaps = settings.send.heatmap and engine.heatmap is not None
 
     # 0. no claim while the spool is below its reserve: each result object needs room, and a
     # batch that fails on a full disk would spend every job's attempts in seconds.
@@ -178,7 +180,7 @@ def run_batch(
         if reason:
             outcomes[job.id] = Outcome(job.id, State.SKIPPED, reason, timings=timing)
             continue
-        same = _same_version_result(job, ds, previous.get(job.id), card, spool, settings)
+        same = _same_version_result(job, ds, previous.get(job.id), card, spool, settings, with_heatmaps)
         if same is not None:
             prev, items = same
             deliveries[job.id] = items
@@ -204,7 +206,7 @@ def run_batch(
             log.exception("preprocessing %s failed", job.sop_instance_uid)
             outcomes[job.id] = Outcome(job.id, State.FAILED, f"preprocessing error: {type(exc).__name__}: {exc}")
             continue
-        if not settings.send.secondary_capture:
+        if not (settings.send.secondary_capture or with_heatmaps):
             del ds.PixelData  # the SR needs the header only; keep memory flat
         # preprocess_ms: LUTs, crop, resize, normalisation (decode_ms, measured inside, excluded)
         timing["preprocess_ms"] = (time.perf_counter() - t) * 1e3 - timing.get("decode_ms", 0.0)
@@ -213,10 +215,15 @@ def run_batch(
 
     # 5. infer the batch
     probs_rows: list[dict[str, float]] = []
+    maps_rows: list[list[np.ndarray]] = []
     if ready:
         t = time.perf_counter()
         try:
-            probs_rows = engine.probabilities(np.stack([x for _, _, x, _ in ready]))
+            if with_heatmaps:  # the same inference, with the feature maps kept
+                rows, maps_rows = engine.infer_maps(np.stack([x for _, _, x, _ in ready]))
+                probs_rows = [dict(zip(card.classes, map(float, row))) for row in rows]
+            else:
+                probs_rows = engine.probabilities(np.stack([x for _, _, x, _ in ready]))
         except Exception as exc:
             log.exception("inference failed for a batch of %d", len(ready))
             for job, _, _, _ in ready:
@@ -229,7 +236,7 @@ def run_batch(
     storage_errors = 0
     destinations = settings.result_destinations
     t = time.perf_counter()
-    for (job, ds, _, timing), probs in zip(ready, probs_rows):
+    for i_ready, ((job, ds, _, timing), probs) in enumerate(zip(ready, probs_rows)):
         timing["infer_ms"] = per_image_ms
         decision = pmap.decide(probs)
         predicted = max(probs, key=probs.__getitem__)
@@ -244,6 +251,11 @@ def run_batch(
             objects = [("sr", results.build_sr(ds, result))]
             if settings.send.secondary_capture:
                 objects.append(("sc", results.build_sc(ds, result)))
+            if with_heatmaps:
+                hsc = _heatmap_sc(engine, ds, result, maps_rows[i_ready], spec, timing)
+                if hsc is not None:
+                    overlay.reference_in_sr(objects[0][1], hsc)
+                    objects.append(("heatmap", hsc))
             items: list[jobs.NewDelivery] = []
             for kind, obj in objects:
                 rel = Spool.result_relpath_for(str(obj.SOPInstanceUID))
@@ -353,8 +365,28 @@ def _message_relpath(sr_uid: str, dest: Destination) -> str:
     return f"{stem}.{safe}.{'hl7' if dest.type == 'hl7' else 'json'}"
 
 
+def _heatmap_sc(
+    engine: Engine, ds: Dataset, result: results.TriageResult, maps: list[np.ndarray], spec: imaging.PreprocessSpec,
+    timing: dict[str, float],
+) -> Dataset | None:
+    """The heatmap Secondary Capture of one image (worker/heatmap.py, worker/overlay.py), or None
+    with a log line when it cannot be made: a heatmap is an aid, it never costs the image its triage."""
+    t = time.perf_counter()
+    try:
+        assert engine.heatmap is not None
+        shown = heatmap.cam_classes(result.probabilities, result.thresholds, engine.card.classes)
+        cams = heatmap.gradcam(engine.heatmap, maps, [engine.card.classes.index(c) for c in shown], spec.size)
+        timing["heatmap_ms"] = (time.perf_counter() - t) * 1e3
+        return overlay.build_heatmap_sc(ds, result, dict(zip(shown, cams)), crop=spec.crop)
+    except Exception as exc:  # noqa: BLE001 - logged; the SR (and banner SC) still go out
+        log.warning("heatmap of %s not made (%s: %s); its SR is sent without one",
+                    ds.get("SOPInstanceUID", "?"), type(exc).__name__, exc)
+        return None
+
+
 def _same_version_result(
-    job: jobs.Claimed, ds: Dataset, prev: jobs.PreviousResult | None, card: object, spool: Spool, settings: Settings
+    job: jobs.Claimed, ds: Dataset, prev: jobs.PreviousResult | None, card: object, spool: Spool, settings: Settings,
+    with_heatmaps: bool = False,
 ) -> tuple[jobs.PreviousResult, list[jobs.NewDelivery]] | None:
     """The deliveries that re-send this job's stored result objects unchanged, when its previous
     result came from the model screening now (name and version) and every object this node sends
@@ -373,6 +405,8 @@ def _same_version_result(
     kinds = [("sr", str(uids.sr_instance))]
     if settings.send.secondary_capture:
         kinds.append(("sc", str(uids.sc_instance)))
+    if with_heatmaps:
+        kinds.append(("heatmap", str(overlay.heatmap_uids(job.sop_instance_uid, study, str(name), str(version))[1])))
     items: list[jobs.NewDelivery] = []
     for kind, uid in kinds:
         rel = Spool.result_relpath_for(uid)

@@ -1443,7 +1443,19 @@ def _is_lossy(source: Dataset) -> bool:
         return True
     meta = getattr(source, "file_meta", None)
     ts = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
-    return bool(ts) and ts.is_transfer_syntax and ts.is_compressed and not ts.is_lossless
+    # UID.is_lossless exists from pydicom 3.1; 3.0 (allowed by pyproject) lacks it
+    lossless = getattr(ts, "is_lossless", None)
+    if lossless is None:
+        lossless = ts in _LOSSLESS_SYNTAXES
+    return bool(ts) and ts.is_transfer_syntax and ts.is_compressed and not lossless
+
+
+#: Compressed transfer syntaxes that are lossless (for pydicom 3.0, which has no UID.is_lossless).
+_LOSSLESS_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.1.99",
+})
 
 
 def build_sc(source: pydicom.Dataset, result: TriageResult, *, now: datetime | None = None) -> pydicom.Dataset:

@@ -131,6 +131,7 @@ class SendSettings:
     """Delivery of result objects to the destinations."""
 
     secondary_capture: bool = False
+    heatmap: bool = False  # issue 17: an RGB Secondary Capture with the model's Grad-CAM heatmap
     max_attempts: int = 10
     backoff_seconds: float = 10.0
     backoff_max_seconds: float = 900.0

@@ -35,7 +35,7 @@ from worker.modelcard import OUTPUTS, DEFAULT_TRIAGE_RULE, ModelCard, write_card
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_toy_model", "toy_reference", "toy_weights"]
+__all__ = ["QUADRANTS", "build_toy_heatmap_model", "build_toy_model", "toy_reference", "toy_weights"]
 
 _GRID = 4  # the pooled feature map is about _GRID x _GRID per channel
 _SCALE = 4.0  # weight of the mean intensity on the first / last class logit
@@ -166,3 +166,96 @@ def toy_reference(card: ModelCard, batch: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+#: Quadrants of :func:`build_toy_heatmap_model`: (row half, column half) of the input.
+QUADRANTS: Mapping[str, tuple[int, int]] = {"top_left": (0, 0), "top_right": (0, 1), "bottom_left": (1, 0), "bottom_right": (1, 1)}
+
+
+def build_toy_heatmap_model(
+    out_dir: str | os.PathLike[str],
+    *,
+    quadrant: str = "top_left",
+    classes: Sequence[str] = ("normal", "pneumonia", "covid19"),
+    size: Sequence[int] = (224, 224),
+    name: str = "toy-heatmap",
+    version: str = "0.0.1",
+) -> Path:
+    """A toy IR with heatmap outputs whose LAST class's score comes from one image quadrant only.
+
+    Shaped like the hybrid (two branches of feature maps, global average pooling, concat, a
+    two-layer ReLU head, softmax), so :mod:`worker.heatmap` runs on it unchanged::
+
+        P = AvgPool(H/8 x W/8)(image)                     [N, 3, 8, 8]
+        features_quadrant = ReLU(P) * mask(quadrant)      branch 1 (zero outside the quadrant)
+        features_dark     = ReLU(-P)                      branch 2 (dark evidence, everywhere)
+        concat(GAP(branch 1), GAP(branch 2)) -> Dense(4) -> ReLU -> Dense(K) -> Softmax
+
+    The last class (``covid19``) reads only hidden unit 0, which reads only branch 1: its score,
+    and so its Grad-CAM, can only come from ``quadrant``.  The first class reads the dark branch.
+    The head is written to ``heatmap.npz`` and the card's ``heatmap`` block as the conversion
+    stage writes them.  NOT a medical model.
+    """
+    import openvino as ov
+    import openvino.opset14 as ops
+
+    from worker.heatmap import write_head
+
+    if quadrant not in QUADRANTS:
+        raise ValueError(f"quadrant must be one of {', '.join(QUADRANTS)} (got {quadrant!r})")
+    classes_t, (h, w) = _check_args(classes, size, 3, "probabilities")
+    grid = 8
+    kh, kw = h // grid, w // grid
+    if kh < 1 or kw < 1 or h % grid or w % grid:
+        raise ValueError(f"size must be a multiple of {grid} (got {size!r})")
+    qr, qc = QUADRANTS[quadrant]
+    mask = np.zeros((1, 1, grid, grid), dtype=np.float32)
+    mask[..., qr * grid // 2 : (qr + 1) * grid // 2, qc * grid // 2 : (qc + 1) * grid // 2] = 1.0
+    k = len(classes_t)
+    w1 = np.zeros((4, 6), dtype=np.float32)
+    w1[0, :3] = 2.0  # bright evidence in the quadrant
+    w1[1, 3:] = 2.0  # dark evidence anywhere
+    w1[2, :] = -1.0  # a unit that is usually off: the ReLU mask matters
+    w1[3, :3], w1[3, 3:] = 0.5, 0.5
+    b1 = np.array([0.0, 0.0, -0.5, 0.1], dtype=np.float32)
+    w2 = np.zeros((k, 4), dtype=np.float32)
+    w2[-1, 0] = 4.0
+    w2[0, 1] = 4.0
+    w2[1:-1, 3] = 1.0
+    b2 = np.zeros(k, dtype=np.float32)
+    b2[1:-1] = 0.5
+
+    image = ops.parameter(ov.PartialShape([-1, 3, h, w]), ov.Type.f32, name="image")
+    pooled = ops.avg_pool(image, [kh, kw], [0, 0], [0, 0], [kh, kw], exclude_pad=True, rounding_type="floor")
+    bright = ops.multiply(ops.relu(pooled), ops.constant(mask))
+    dark = ops.relu(ops.negative(pooled))
+    axes = ops.constant(np.array([2, 3], dtype=np.int64))
+    feats = ops.concat([ops.reduce_mean(bright, axes, False), ops.reduce_mean(dark, axes, False)], 1)
+    hidden = ops.relu(ops.add(ops.matmul(feats, ops.constant(w1), False, True), ops.constant(b1)))
+    logits = ops.add(ops.matmul(hidden, ops.constant(w2), False, True), ops.constant(b2))
+    probs = ops.softmax(logits, 1)
+    outs = {"probabilities": probs, "features_quadrant": bright, "features_dark": dark}
+    for tensor_name, node in outs.items():
+        node.output(0).get_tensor().set_names({tensor_name})
+    model = ov.Model([n.output(0) for n in outs.values()], [image], f"{name}-{version}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(out / "model.xml"), compress_to_fp16=False)
+    block = write_head(out, ["features_quadrant", "features_dark"], w1, b1, w2, b2)
+    mean, std = _IMAGENET
+    card: dict[str, Any] = {
+        "schema": 1, "name": name, "version": version,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "architecture": f"toy heatmap model: {quadrant} quadrant -> {classes_t[-1]} (openvino opset14)",
+        "precision": "f32", "classes": list(classes_t), "output": "probabilities",
+        "input": {"size": [h, w], "channels": 3, "mean": list(mean), "std": list(std), "layout": "NCHW"},
+        "preprocessing": {"voi": "auto", "percentiles": [0.5, 99.5], "crop": "center_square"},
+        "thresholds": {c: 0.5 for c in classes_t[1:]}, "triage_rule": DEFAULT_TRIAGE_RULE, "metrics": {},
+        "training": {"note": f"hand-set weights; {classes_t[-1]} reads the {quadrant} quadrant only"},
+        "files": {"xml": "model.xml", "bin": "model.bin"},
+        "heatmap": block,
+        "intended_use": "toy model for tests; NOT a medical model",
+    }
+    write_card(out, card)
+    return out

@@ -12,6 +12,9 @@ pytest.importorskip("torch", reason="conversion needs the train extra (torch, nn
 pytest.importorskip("nncf", reason="conversion needs the train extra (torch, nncf)")
 
 from conversion.qat import QatOptions, quantization_aware_training  # noqa: E402
+
+# QAT runs real fine-tuning epochs: minutes on a busy two-core box (the default limit is 300 s).
+pytestmark = pytest.mark.timeout(1200)
 from worker.engine import Engine  # noqa: E402
 from worker.modelcard import ModelCard  # noqa: E402
 

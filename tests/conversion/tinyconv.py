@@ -33,6 +33,24 @@ class TinyNet(nn.Module):
         return self.head(self.features(x))
 
 
+class TinyHybrid(nn.Module):
+    """Two conv branches, global average pooling, concat, a two-layer ReLU head: the hybrid's
+    shape at toy size, naming its branches for ``conversion.heatmap`` (issue 17)."""
+
+    def __init__(self, n: int = 3) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                               nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4, padding=2), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(24, 10), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(10, n))
+
+    def heatmap_branches(self) -> list[tuple[str, nn.Module]]:
+        return [("features_a", self.a), ("features_b", self.b)]
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        return self.head(torch.cat([self.a(x).mean(dim=(2, 3)), self.b(x).mean(dim=(2, 3))], dim=1))
+
+
 class TraceTrap(nn.Module):
     """Broken on purpose: a data-dependent Python branch that tracing freezes on the example input.
 
@@ -92,14 +110,14 @@ def make_checkpoint_dict(model: nn.Module, name: str = "tiny") -> dict[str, Any]
     }
 
 
-def train_tiny(manifest: Path) -> nn.Module:
+def train_tiny(manifest: Path, model_class: type[nn.Module] | None = None) -> nn.Module:
     from conversion.data import load_split
     from worker.imaging import PreprocessSpec
 
     spec = PreprocessSpec(size=(SIZE, SIZE), mean=tuple(MEAN), std=tuple(STD))
     tr = load_split(manifest, "train", CLASSES, spec)
     torch.manual_seed(0)
-    model = TinyNet()
+    model = (model_class or TinyNet)()
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     x, y = torch.from_numpy(tr.x), torch.from_numpy(tr.y)
     for _ in range(150):

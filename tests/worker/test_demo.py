@@ -161,3 +161,34 @@ def test_demo_reads_its_own_nodes_port(tmp_path: Path) -> None:
     assert demo._listening_port(log, "CXRTRIAGE") is None
     log.write_text(log.read_text() + "cxr-triage listening as CXRTRIAGE on port 40123\n")
     assert demo._listening_port(log, "CXRTRIAGE") == 40123
+
+
+def test_demo_with_heatmap_sends_a_heatmap_sc_per_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 17: ``demo --heatmap`` with a model that has heatmap outputs (the toy heatmap IR here;
+    the shipped model once it is converted with them)."""
+    from worker.toymodel import build_toy_heatmap_model
+
+    model = build_toy_heatmap_model(tmp_path / "hm")
+    data_dir = tmp_path / "demo"
+    argv = ["demo", "--data-dir", str(data_dir), "--port", str(free_port()), "--model", str(model), "--heatmap",
+            "--pynetdicom", "--timeout", "240"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    n = len(sorted(SAMPLES.glob("*.dcm")))
+    assert "heatmaps: on" in out
+    assert f"heatmap Secondary Captures (folder): {n} in" in out
+    for r in _rows(data_dir).values():
+        kinds = sorted(d["kind"] for d in r["deliveries"])
+        assert kinds == ["heatmap", "sr"] and all(d["state"] == "sent" for d in r["deliveries"])
+
+
+def test_demo_with_heatmap_says_when_the_model_has_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.toymodel import build_toy_model
+
+    model = build_toy_model(tmp_path / "plain")
+    argv = ["demo", "--data-dir", str(tmp_path / "demo"), "--port", str(free_port()), "--model", str(model),
+            "--heatmap", "--pynetdicom", "--timeout", "240"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "heatmaps: asked for, but not available" in out and "no 'heatmap' block" in out
+    assert "heatmap Secondary Captures (folder): 0 in" in out

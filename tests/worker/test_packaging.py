@@ -13,7 +13,7 @@ WORKER_MODULES = [
     "worker.filters", "worker.modelcard", "worker.engine", "worker.pipeline", "worker.scheduler", "worker.node",
     "worker.toymodel", "worker.results", "worker.sender", "worker.demo", "worker.priority", "worker.hl7",
     "worker.fhir", "worker.worklist", "worker.web", "worker.web.pages", "worker.web.auth", "worker.preflight", "worker.logs",
-    "worker.modelsummary", "worker.retention", "worker.commandline", "worker.maintenance",
+    "worker.modelsummary", "worker.retention", "worker.commandline", "worker.maintenance", "worker.heatmap", "worker.overlay",
 ]
 
 

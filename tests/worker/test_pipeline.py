@@ -296,3 +296,70 @@ def test_a_restarted_node_takes_back_its_dead_process_leases_at_once(tmp_path: P
     audit = [json.loads(ln) for ln in s.storage.audit_path.read_text().splitlines()]
     (ev,) = [a for a in audit if a["event"] == "leases_reclaimed"]
     assert ev["owner"] == f"{host}:{gone.pid}:deadbeef" and ev["jobs"] == 4
+
+
+# --------------------------------------------------------------------------- heatmaps (issue 17)
+
+
+def _heatmap_settings(model_settings: Settings, model: Path) -> Settings:
+    return dataclasses.replace(
+        model_settings, model=dataclasses.replace(model_settings.model, path=model),
+        send=dataclasses.replace(model_settings.send, heatmap=True),
+    )
+
+
+def test_heatmap_sc_is_built_referenced_and_delivered(model_settings: Settings, tmp_path: Path) -> None:
+    from worker.toymodel import build_toy_heatmap_model
+
+    s = _heatmap_settings(model_settings, build_toy_heatmap_model(tmp_path / "hm"))
+    node = Node(s, batch=False)
+    node.start()
+    try:
+        dss = [make_image(rows=300, cols=240, seed=i) for i in range(2)]
+        assert send(dss, node.port) == [0, 0]
+        engine = Engine(s.model.path)
+        assert pipeline.drain(node.db, node.spool, engine, s, pipeline.worker_id()).done == 2
+        rows = {r.sop_instance_uid: r for r in _rows(node)}
+        deliveries = jobs.deliveries_of(node.db, [r.id for r in rows.values()])
+        for ds in dss:
+            row = rows[ds.SOPInstanceUID]
+            assert "heatmap_ms" in row.timings
+            kinds = {d["kind"]: d for d in deliveries[row.id]}
+            assert set(kinds) == {"sr", "heatmap"} and all(d["state"] == "sent" for d in kinds.values())
+        files = {str(dcmread(p).SOPInstanceUID): dcmread(p) for p in (s.storage.data_dir / "results").iterdir()}
+        assert len(files) == 4
+        srs = [d for d in files.values() if d.Modality == "SR"]
+        scs = [d for d in files.values() if d.Modality == "OT"]
+        assert len(srs) == 2 and len(scs) == 2
+        for sr in srs:
+            (ev,) = sr.PertinentOtherEvidenceSequence
+            ref = ev.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            sc = files[ref]
+            assert sc.PhotometricInterpretation == "RGB" and sc.SeriesDescription == "AI heatmap - not for diagnosis"
+            assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == sr.CurrentRequestedProcedureEvidenceSequence[
+                0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    finally:
+        node.stop()
+
+
+def test_heatmap_setting_with_a_model_without_heatmaps_screens_as_usual(
+    model_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.node import load_engine
+
+    s = _heatmap_settings(model_settings, model_settings.model.path)  # the plain toy model
+    with caplog.at_level("WARNING", logger="worker.node"):
+        engine = load_engine(s)
+    assert engine.heatmap is None
+    assert any("send.heatmap is on, but no heatmap Secondary Captures will be sent" in r.getMessage()
+               and "no 'heatmap' block" in r.getMessage() for r in caplog.records)
+    node = Node(s, batch=False)
+    node.start()
+    try:
+        ds = make_image(rows=64, cols=64, seed=3)
+        assert send([ds], node.port) == [0]
+        assert pipeline.drain(node.db, node.spool, engine, s, pipeline.worker_id()).done == 1
+        row = jobs.find(node.db, ds.SOPInstanceUID)
+        assert [d["kind"] for d in jobs.deliveries_of(node.db, [row.id])[row.id]] == ["sr"]
+    finally:
+        node.stop()

@@ -68,3 +68,15 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 def test_env_names() -> None:
     assert env_name("listener.port") == "CXR_TRIAGE_LISTENER_PORT"
     assert env_name("model.path") == "CXR_TRIAGE_MODEL_PATH"
+
+
+def test_send_heatmap_from_file_env_and_a_bad_value_names_the_setting(tmp_path: Path) -> None:
+    """Issue 17: send.heatmap beside send.secondary_capture, env CXR_TRIAGE_SEND_HEATMAP."""
+    assert Settings().send.heatmap is False
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("[send]\nheatmap = true\n")
+    assert load_settings(cfg, environ={}).send.heatmap is True
+    assert load_settings(cfg, environ={"CXR_TRIAGE_SEND_HEATMAP": "false"}).send.heatmap is False
+    assert load_settings(None, None, environ={"CXR_TRIAGE_SEND_HEATMAP": "true"}).send.heatmap is True
+    with pytest.raises(SettingsError, match=r"send\.heatmap \(CXR_TRIAGE_SEND_HEATMAP\)"):
+        load_settings(None, None, environ={"CXR_TRIAGE_SEND_HEATMAP": "maybe"})

@@ -347,3 +347,36 @@ def test_serve_web_port_flag_and_environment(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# --------------------------------------------------------------------------- heatmaps (issue 17)
+
+
+def test_worklist_links_each_heatmap_and_serves_it_as_png(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from worker.toymodel import build_toy_heatmap_model
+
+    s = _settings(tmp_path / "var")
+    s = dataclasses.replace(s, model=dataclasses.replace(s.model, path=build_toy_heatmap_model(tmp_path / "hm")),
+                            send=dataclasses.replace(s.send, heatmap=True))
+    node = Node(s, batch=False)
+    node.start()
+    try:
+        ds = make_image(rows=300, cols=260, seed=5)
+        plain = make_image(rows=64, cols=64, seed=6)
+        assert send([ds], node.port) == [0]
+        assert pipeline.drain(node.db, node.spool, Engine(s.model.path), s, pipeline.worker_id()).done == 1
+        base = f"http://127.0.0.1:{node.web.port}"
+        status, body, _ = _get(base + "/")
+        assert status == 200 and f'href="heatmap/{ds.SOPInstanceUID}"'.encode() in body
+        status, png, headers = _get(f"{base}/heatmap/{ds.SOPInstanceUID}")
+        assert status == 200 and headers["content-type"] == "image/png"
+        img = Image.open(io.BytesIO(png))
+        sc = next(dcmread(p) for p in (s.storage.data_dir / "results").iterdir() if dcmread(p).Modality == "OT")
+        assert img.mode == "RGB" and img.size == (sc.Columns, sc.Rows)
+        assert _get(f"{base}/heatmap/{plain.SOPInstanceUID}")[0] == 404
+    finally:
+        node.stop()

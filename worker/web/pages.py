@@ -73,6 +73,16 @@ class Headers:
         return out
 
 
+def _png(pixels: Any) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _when(text: str | None, end: bool = False) -> dt.datetime | None:
     """A date (YYYY-MM-DD) or ISO time from a filter; ``end`` makes a date inclusive."""
     if not text:
@@ -168,6 +178,7 @@ class Pages:
                 "screened": finished.strftime("%H:%M:%S") if finished else "",
                 "waiting": _age((now - received).total_seconds()),
                 "sends": [(d["destination"], d["state"], d["last_error"] or "") for d in r["deliveries"]],
+                "heatmap": any(d["kind"] == "heatmap" for d in r["deliveries"]),
             })
         return out
 
@@ -186,6 +197,21 @@ class Pages:
             "rows": rows, "show_names": self.settings.web.show_patient_names})
         rsp.headers.update(_HEADERS)
         return rsp
+
+    async def heatmap_image(self, request: Request) -> Response:
+        """The heatmap Secondary Capture of one image (issue 17, worker/overlay.py) as a PNG, from
+        the spool; 404 when there is none (heatmaps off, not yet screened, or purged)."""
+        uid = request.path_params["sop"]
+        with self.db.sessions() as s:
+            path = s.scalar(select(jobs.Delivery.path).join(jobs.Instance, jobs.Delivery.instance_id == jobs.Instance.id)
+                            .where(jobs.Instance.sop_instance_uid == uid, jobs.Delivery.kind == "heatmap").limit(1))
+        try:
+            if not path:
+                raise FileNotFoundError(uid)
+            png = _png(dcmread(self.spool.path(path)).pixel_array)
+        except Exception:  # noqa: BLE001 - absent or unreadable: no heatmap to show
+            return Response("no heatmap for this image", status_code=404, media_type="text/plain", headers=_HEADERS)
+        return Response(png, media_type="image/png", headers=_HEADERS)
 
     async def api_studies(self, request: Request) -> Response:
         return JSONResponse(worklist.rows(self.db, self._filters(request), order="worklist"), headers=_HEADERS)
@@ -263,6 +289,7 @@ class Pages:
             Route("/model", g(self.model_page)),
             Route("/queue", g(self.queue_page)),
             Route("/api/studies", g(self.api_studies, api=True)),
+            Route("/heatmap/{sop}", g(self.heatmap_image)),
             Route("/worklist.js", self.script),
             Route("/login", self.login_form, methods=["GET"]),
             Route("/login", self.login, methods=["POST"]),
