@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1  # noqa: E402
+from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
 from worker import imaging, jobs  # noqa: E402
 from worker.engine import Engine  # noqa: E402
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from orthanc import Orthanc
 
     report: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": str(args.model),
     }

@@ -231,7 +231,6 @@ def child(fmt: str, work: Path, iters: int) -> dict[str, Any]:
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    import openvino as ov
     import torch
 
     from conversion.data import load_split, read_manifest

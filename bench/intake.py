@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(median {statistics.median(paired):.2f})")
 
         out: dict[str, Any] = {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "machine": machine(),
             "n": args.n,
             "bytes_per_image": total_bytes // args.n,

@@ -33,11 +33,13 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    ComputedRadiographyImageStorage as CRImageStorage,
+    PYDICOM_IMPLEMENTATION_UID,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
-    PYDICOM_IMPLEMENTATION_UID,
+)
+from pydicom.uid import (
+    ComputedRadiographyImageStorage as CRImageStorage,
 )
 
 #: (class, source, licence prefixes allowed, how many, age note). Order = file numbering.

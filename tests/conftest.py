@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def model_settings(settings: Settings, toy_model: Path) -> Settings:
 
 
 @pytest.fixture
-def node(settings: Settings) -> Iterator["object"]:
+def node(settings: Settings) -> Iterator[object]:
     """The listener alone (no scheduler), in process; tests run batches explicitly."""
     from worker.node import Node
 

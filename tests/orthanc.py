@@ -52,7 +52,7 @@ class Orthanc:
             "StableAge": 1,
         }
 
-    def start(self, timeout: float = 30) -> "Orthanc":
+    def start(self, timeout: float = 30) -> Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(self._config(), indent=2))

@@ -108,7 +108,7 @@ class Augment:
     hflip: float = 0.0  # probability; 0 by default (dextrocardia is not a training signal)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any] | None, strength: float = 1.0) -> "Augment":
+    def from_config(cls, cfg: dict[str, Any] | None, strength: float = 1.0) -> Augment:
         base = cls(**(cfg or {}))
         return cls(
             rotate_deg=base.rotate_deg * strength,

@@ -46,7 +46,7 @@ class AuditLog:
         """Append one event; never raises (auditing must not break intake)."""
         if self._fd is None:
             return
-        doc = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        doc = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                "event": event}
         doc.update({k: v for k, v in fields.items() if v is not None})
         line = (json.dumps(doc, separators=(",", ":"), default=str) + "\n").encode()

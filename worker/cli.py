@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from worker import jobs
 from worker.commandline import CommandError, check_class, open_existing, parse_when
-from worker.maintenance import purge_line, cmd_model, cmd_purge, cmd_rescreen
+from worker.maintenance import cmd_model, cmd_purge, cmd_rescreen, purge_line
 from worker.modelcard import ModelCardError
 from worker.priority import PRIORITIES
 from worker.settings import Settings, SettingsError, load_settings
@@ -185,8 +185,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     import os
 
     from worker import audit as audit_log
-    from worker import pipeline, sender
-    from worker import preflight
+    from worker import pipeline, preflight, sender
     from worker.node import load_engine, open_storage, sd_notify
 
     preflight.check_storage(settings)  # before the model loads

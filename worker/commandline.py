@@ -59,7 +59,7 @@ def parse_when(text: str, name: str) -> dt.datetime:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise CommandError(f"{name}: {text!r} is not an ISO 8601 date or time") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def check_class(name: str, settings: Settings, db: jobs.Database) -> None:

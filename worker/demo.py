@@ -244,10 +244,10 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """The ``demo`` subcommand (see the module docstring)."""
+    import logging
+
     from worker.modelcard import ModelCard
     from worker.node import model_dir as resolve_model_dir
-
-    import logging
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # the node's own log is in node.log
     if settings.storage.database_url:

@@ -79,7 +79,7 @@ def build_bundle(source: Dataset, result: TriageResult, sr_uid: str, *, now: dt.
     """The transaction Bundle (JSON, validated) for one screened image."""
     from fhir.resources.R4B.bundle import Bundle
 
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     study_uid = _text(source, "StudyInstanceUID")
     subject = {"identifier": {"value": _text(source, "PatientID")}} if _text(source, "PatientID") else None
     model = f"{result.model_name} {result.model_version} ({result.model_precision})"

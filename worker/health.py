@@ -191,7 +191,7 @@ class HealthServer:
     def port(self) -> int:
         return int(self.httpd.server_address[1])
 
-    def start(self) -> "HealthServer":
+    def start(self) -> HealthServer:
         self.thread.start()
         log.info("health and metrics on http://%s:%d/", *self.httpd.server_address[:2])
         return self

@@ -132,7 +132,7 @@ class PreprocessSpec:
             raise ValueError("max_bytes must be a positive integer")
 
     @classmethod
-    def from_card(cls, card: Mapping[str, Any]) -> "PreprocessSpec":
+    def from_card(cls, card: Mapping[str, Any]) -> PreprocessSpec:
         """From a model card dict: card["input"] = {"size":[h,w], "channels":3, "mean":[...], "std":[...], "layout":"NCHW"}, card.get("preprocessing", {}) = {"voi":..., "percentiles":[lo,hi], "crop":...}. Missing keys take defaults; bad values raise ValueError naming the key (e.g. "model card input.size must be two positive integers")."""
         if not isinstance(card, Mapping):
             raise ValueError("model card must be an object")

@@ -41,8 +41,8 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    UniqueConstraint,
     TypeDecorator,
+    UniqueConstraint,
     create_engine,
     event,
     func,
@@ -56,12 +56,12 @@ log = logging.getLogger(__name__)
 
 def utcnow() -> dt.datetime:
     """Timezone-aware UTC now (all timestamps in the database are UTC)."""
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def iso(v: dt.datetime | None) -> str | None:
     """ISO 8601 in UTC with a ``Z`` (the form of every time in query output)."""
-    return v.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if v else None
+    return v.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if v else None
 
 
 class State(str, enum.Enum):
@@ -89,15 +89,15 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(dt.timezone.utc)
+        value = value.astimezone(dt.UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=dt.timezone.utc)
-        return value.astimezone(dt.timezone.utc)
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -336,7 +336,7 @@ class Database:
     sessions: sessionmaker[Session]
 
     @classmethod
-    def open(cls, url: str, *, upgrade: bool = True) -> "Database":
+    def open(cls, url: str, *, upgrade: bool = True) -> Database:
         engine = make_engine(url)
         if upgrade:
             migrate(engine)
@@ -788,9 +788,9 @@ def queued_summary(db: Database, now: dt.datetime | None = None) -> tuple[int, d
     with db.sessions() as s:
         n, oldest = s.execute(select(func.count(), func.min(Instance.received_at)).where(waiting)).one()
     if oldest is not None and oldest.tzinfo is None:  # aggregate results bypass the column type
-        oldest = oldest.replace(tzinfo=dt.timezone.utc)
+        oldest = oldest.replace(tzinfo=dt.UTC)
     elif isinstance(oldest, str):
-        oldest = dt.datetime.fromisoformat(oldest).replace(tzinfo=dt.timezone.utc)
+        oldest = dt.datetime.fromisoformat(oldest).replace(tzinfo=dt.UTC)
     return int(n), oldest
 
 

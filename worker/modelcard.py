@@ -42,10 +42,11 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class ModelCard:
         return (self.channels, self.input_size[0], self.input_size[1])
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike[str], verify_hash: bool = True) -> "ModelCard":
+    def load(cls, model_dir: str | os.PathLike[str], verify_hash: bool = True) -> ModelCard:
         """Read and validate ``model_dir/model.json`` and check that the IR files exist.
 
         With ``verify_hash`` (the default) the SHA-256 of the ``.bin`` is compared with
@@ -263,7 +264,7 @@ class ModelCard:
         return card
 
     @classmethod
-    def _from_dict(cls, data: Any, model_dir: Path, source: str, card_path: Path | None = None) -> "ModelCard":
+    def _from_dict(cls, data: Any, model_dir: Path, source: str, card_path: Path | None = None) -> ModelCard:
         """Validate a parsed card; ``source`` prefixes error messages.  Does not touch the IR files."""
         chk = _Checker(source)
         if not isinstance(data, Mapping):

@@ -84,7 +84,7 @@ def model_dir(settings: Settings) -> Path:
     return path
 
 
-def load_engine(settings: Settings) -> "Engine":
+def load_engine(settings: Settings) -> Engine:
     """The model of :func:`model_dir`, compiled."""
     from worker.engine import Engine
     from worker.priority import PriorityMap
@@ -102,9 +102,9 @@ class Node:
     batch: bool = True
     db: jobs.Database | None = None
     spool: Spool | None = None
-    engine: "Engine | None" = None
+    engine: Engine | None = None
     server: Any = None
-    scheduler: "BatchScheduler | None" = None
+    scheduler: BatchScheduler | None = None
     health: Any = None
     web: Any = None
     audit: audit_log.AuditLog = field(default_factory=lambda: audit_log.NULL)

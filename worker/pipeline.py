@@ -24,8 +24,8 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from io import BytesIO
 from dataclasses import dataclass, field
+from io import BytesIO
 
 import numpy as np
 from pydicom import dcmread
@@ -95,7 +95,7 @@ class BatchReport:
     #: Nothing was claimed because the spool is below its free-space reserve.
     disk_reserve_reached: bool = False
 
-    def add(self, other: "BatchReport") -> None:
+    def add(self, other: BatchReport) -> None:
         self.storage_errors += other.storage_errors
         self.disk_reserve_reached = self.disk_reserve_reached or other.disk_reserve_reached
         self.claimed += other.claimed

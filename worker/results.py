@@ -148,17 +148,17 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
-from pydicom.multival import MultiValue
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
-from pydicom.valuerep import DA, DS, TM, validate_value
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
+from pydicom.valuerep import DA, DS, TM, validate_value
 
 from worker.imaging import PreprocessSpec, decode, to_grey8
 from worker.priority import PRIORITIES  # ("urgent", "high", "routine")
@@ -359,7 +359,7 @@ class TriageResult:
         return self.probabilities[self.predicted_class]
 
     @classmethod
-    def from_job(cls, job: Any, card: Any) -> "TriageResult":
+    def from_job(cls, job: Any, card: Any) -> TriageResult:
         """From a finished :class:`worker.jobs.Instance` row and the
         :class:`worker.modelcard.ModelCard` that produced it (probabilities in card class order)."""
         stored = dict(job.probabilities or {})

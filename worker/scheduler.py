@@ -156,7 +156,7 @@ class BatchScheduler:
         )
         if self.settings.storage.retention_days or self.settings.database.retention_days:
             self._scheduler.add_job(self._purge, IntervalTrigger(hours=1, timezone="UTC"), id="purge",
-                                    max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.timezone.utc))
+                                    max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
         self.sender.start()
         now = self.clock()
         missed = missed_run(self.settings, now)

@@ -259,7 +259,7 @@ class BackgroundSender:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cxr-triage-sender", daemon=True)
 
-    def start(self) -> "BackgroundSender":
+    def start(self) -> BackgroundSender:
         self._thread.start()
         return self
 

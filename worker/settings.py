@@ -214,7 +214,7 @@ class Destination:
         return self.type in ("hl7", "fhir")
 
     @classmethod
-    def parse(cls, spec: str) -> "Destination":
+    def parse(cls, spec: str) -> Destination:
         """``AET@host:port`` (a DICOM peer), ``folder:PATH``, ``hl7:HOST:PORT`` or
         ``fhir:https://host/base``; an optional ``name=`` prefix."""
         name = ""

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from worker.modelcard import OUTPUTS, DEFAULT_TRIAGE_RULE, ModelCard, write_card
+from worker.modelcard import DEFAULT_TRIAGE_RULE, OUTPUTS, ModelCard, write_card
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def build_toy_model(
         "schema": 1,
         "name": name,
         "version": version,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "architecture": f"toy: avgpool {kh}x{kw} + linear (openvino opset14)",
         "precision": "f32",
         "classes": list(classes_t),

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import struct
 import subprocess
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,14 +29,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
-    JPEGLSLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
 from rawdicom import EXPLICIT_LE, IMPLICIT_LE, VERIFICATION, RawAssociation, associate_rq, p_data, pdu
 from support import CR_STORAGE, make_image, send
-
 
 #: Allowed growth of the peak RSS of this process for a case that declares gigabytes.
 RSS_BOUND_MB = 200

@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import wait_for
-from support import free_port, make_image, send
+from support import free_port, make_image, send, wait_for
 
 from worker.audit import AuditLog, fingerprint
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from support import free_port
+
 from worker import cli, demo, imaging, jobs
 from worker.engine import Engine
 from worker.modelcard import ModelCard, default_model_dir, triage

@@ -9,9 +9,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support import wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from support import CT_STORAGE, free_port, make_image, send
+from support import CT_STORAGE, free_port, make_image, send, wait_for
 
 from worker import jobs
 from worker.node import Node

@@ -13,7 +13,6 @@ import hl7 as hl7lib
 import pytest
 from hl7.mllp import start_hl7_server
 from support import free_port, make_image, send, wait_for
-
 from test_security import pki  # noqa: F401  (the test CA and certificates, a fixture)
 
 from worker import cli, hl7, jobs, pipeline, sender, tls

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import UID, JPEG2000, JPEG2000Lossless
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
 from support import j2k_dataset, make_image, tile_cod_codestream
 
 from worker import imaging

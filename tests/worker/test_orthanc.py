@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import wait_for
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from support import free_port, make_image, send, to_bytes
+from support import free_port, make_image, send, to_bytes, wait_for
 
 from worker import jobs, results
 from worker.node import Node

@@ -24,10 +24,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import support
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-import support
 from worker import results
 from worker.results import (
     LOCAL_SCHEME,

@@ -11,8 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import wait_for
-from support import make_image, send
+from support import make_image, send, wait_for
 
 from worker import jobs
 from worker.node import Node

@@ -7,8 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from support import wait_for
-from support import make_image, send
+from support import make_image, send, wait_for
 
 from worker import jobs
 from worker.engine import Engine
@@ -16,7 +15,7 @@ from worker.node import Node
 from worker.scheduler import BatchScheduler, make_trigger, missed_run, should_start
 from worker.settings import Destination, Settings
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _with(settings: Settings, **schedule: object) -> Settings:

@@ -21,7 +21,6 @@ from worker.settings import Destination, Settings
 from worker.spool import Spool
 
 
-
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 

@@ -22,7 +22,6 @@ pytest.importorskip("starlette", reason="the web extra (starlette, jinja2, uvico
 
 from pydicom import dcmread  # noqa: E402
 from support import free_port, make_image, send  # noqa: E402
-
 from test_security import pki  # noqa: E402,F401  (the test CA and certificates, a fixture)
 
 from worker import cli, jobs, pipeline  # noqa: E402

@@ -39,7 +39,7 @@ class WebServer:
         self._thread = threading.Thread(target=self.server.run, name="cxr-triage-web", daemon=True)
         self.scheme = "https" if w.tls_cert else "http"
 
-    def start(self, timeout: float = 15.0) -> "WebServer":
+    def start(self, timeout: float = 15.0) -> WebServer:
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

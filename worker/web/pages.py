@@ -82,7 +82,7 @@ def _when(text: str | None, end: bool = False) -> dt.datetime | None:
     except ValueError:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     if end and len(text) == 10:
         when += dt.timedelta(days=1)
     return when
