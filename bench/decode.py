@@ -160,10 +160,10 @@ def candidates(files: dict[str, Path], rounds: int) -> list[dict[str, Any]]:
         decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         reference, _ = decoder.as_array(ds, index=0)
-        runs: dict[str, Any] = {f"pydicom/{p}": (lambda p=p: decoder.as_array(ds, index=0, decoding_plugin=p)[0])
+        runs: dict[str, Any] = {f"pydicom/{p}": (lambda p=p, decoder=decoder, ds=ds: decoder.as_array(ds, index=0, decoding_plugin=p)[0])
                                 for p in decoder.available_plugins}
         for fn in direct.get(kind, ()) if imagecodecs is not None else ():
-            runs[f"imagecodecs.{fn}"] = lambda fn=fn: getattr(imagecodecs, fn)(frame)
+            runs[f"imagecodecs.{fn}"] = lambda fn=fn, frame=frame: getattr(imagecodecs, fn)(frame)
         for name, run in runs.items():
             load0 = os.getloadavg()[0]
             try:

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     # Per format, the round with the best throughput (rounds alternate formats, so a burst of
     # load from other processes on this shared machine hits every format alike).
     results = []
-    for i, fmt in enumerate(formats):
+    for i in range(len(formats)):
         ok = [rd[i] for rd in rounds if "throughput" in rd[i]]
         results.append(max(ok, key=lambda r: r["throughput"]["img_s"]) if ok else rounds[-1][i])
     import openvino

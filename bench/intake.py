@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = results["node"]["ratio_best"]
         ratio_med = results["node"]["ratio_median"]
         # node/storescp within each round (adjacent runs, so slow drifts in load cancel)
-        paired = [round(s_ref / s_node, 2) for s_node, s_ref in zip(runs["node"], runs["storescp"])]
+        paired = [round(s_ref / s_node, 2) for s_node, s_ref in zip(runs["node"], runs["storescp"], strict=True)]
 
         print()
         print(f"intake: {args.n} x {total_bytes / args.n / 2**20:.2f} MiB, max PDU {args.max_pdu}, "

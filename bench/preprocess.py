@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(n) for n in cases)
     print(f"decode+preprocess, {COLS}x{ROWS} 16-bit (12 stored) CR, median of {args.runs} runs, 1 core")
     print(f"{'case':<{width}}  {'median ms':>9}  {'min ms':>7}  {'p90 ms':>7}")
-    for name, r in zip(cases, results):
+    for name, r in zip(cases, results, strict=True):
         print(f"{name:<{width}}  {r['median_ms']:>9.2f}  {r['min_ms']:>7.2f}  {r['p90_ms']:>7.2f}")
     print(f"target: <= {TARGET_MS} ms for preprocess")
 

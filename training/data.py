@@ -186,7 +186,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.labels = np.array([self.index[r[label]] for r in self.rows], dtype=np.int64)
         self.patients = [r.get("patient_id", "") for r in self.rows]
         self.groups = [(r.get(group_column) or "unknown") if group_column else "all" for r in self.rows]
-        self.files = [r.get("file", p) for r, p in zip(self.rows, self.paths)]
+        self.files = [r.get("file", p) for r, p in zip(self.rows, self.paths, strict=True)]
         self.spec = spec
         self.augment = augment
         self.seed = seed

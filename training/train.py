@@ -367,8 +367,8 @@ def train_run(
         "model_weights": {k: cfg["model"][k] for k in ("weights", "resnet_weights", "mobilenet_weights")},
         "fold": fold,
         "seed": seed,
-        "class_counts": dict(zip(classes, counts)),
-        "class_weights": dict(zip(classes, cw)),
+        "class_counts": dict(zip(classes, counts, strict=True)),
+        "class_weights": dict(zip(classes, cw, strict=True)),
         **(provenance or {}),
     }
     epochs = int(t["epochs"])

@@ -214,7 +214,7 @@ def _table(samples: list[Sample], rows: dict[str, dict[str, Any]], classes: list
         body.append([smp.path.name, smp.expected or "?", predicted,
                      *[f"{probs[c]:.3f}" if c in probs else "" for c in classes],
                      r.get("priority") or "", _latency(r), sr])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*head), fmt.format(*["-" * w for w in widths]), *(fmt.format(*b) for b in body)]
 

@@ -311,7 +311,7 @@ class Engine:
     def probabilities(self, batch: np.ndarray) -> list[dict[str, float]]:
         """:meth:`infer`, as one ``{class name: probability}`` dict per image (card class order)."""
         rows = self.infer(batch)
-        return [dict(zip(self.card.classes, map(float, row))) for row in rows]
+        return [dict(zip(self.card.classes, map(float, row), strict=True)) for row in rows]
 
     def __repr__(self) -> str:
         return (

@@ -68,7 +68,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 def _effective(ds: Dataset) -> str | None:
     """Acquisition, else Study date and time of the image as a FHIR dateTime (no zone: a date)."""
-    for d, t in (("AcquisitionDate", "AcquisitionTime"), ("StudyDate", "StudyTime")):
+    for d, _t in (("AcquisitionDate", "AcquisitionTime"), ("StudyDate", "StudyTime")):
         date = _text(ds, d)
         if len(date) == 8 and date.isdigit():
             return f"{date[:4]}-{date[4:6]}-{date[6:]}"

@@ -229,7 +229,7 @@ def run_batch(
     storage_errors = 0
     destinations = settings.result_destinations
     t = time.perf_counter()
-    for (job, ds, _, timing), probs in zip(ready, probs_rows):
+    for (job, ds, _, timing), probs in zip(ready, probs_rows, strict=True):
         timing["infer_ms"] = per_image_ms
         decision = pmap.decide(probs)
         predicted = max(probs, key=probs.__getitem__)

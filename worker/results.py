@@ -537,7 +537,7 @@ def _require_uids(source: Dataset) -> tuple[str, str, str, str]:
     """(SOP Class, SOP Instance, Study Instance, Series Instance) UIDs of the source."""
     keywords = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
     vals = [_text(source, kw) for kw in keywords]
-    missing = [kw for kw, v in zip(keywords, vals) if not v]
+    missing = [kw for kw, v in zip(keywords, vals, strict=True) if not v]
     if missing:
         raise ValueError(f"source dataset lacks {', '.join(missing)}")
     return vals[0], vals[1], vals[2], vals[3]
@@ -1032,7 +1032,7 @@ def _image_library_fast(source: Dataset) -> Dataset:
     for code, kw in ((_C_ROWS, "Rows"), (_C_COLUMNS, "Columns")):
         if kw in source and source[kw].value:
             n = int(source[kw].value)
-            descriptors.append(_cached((kw, n), lambda: _num_item(acq, code, n, _PIXELS)))
+            descriptors.append(_cached((kw, n), lambda code=code, n=n: _num_item(acq, code, n, _PIXELS)))
     orientation, spacing = _orientation_and_spacing(source)
     if orientation is not None:
         row, col = orientation
@@ -1295,7 +1295,7 @@ def build_sr(source: pydicom.Dataset, result: TriageResult, *, now: datetime | N
     content = elems[_T_CONTENT_SEQ].value
     source_instance = source["SOPInstanceUID"].value
     groups = content[tpl.measurements_at]._dict[_T_CONTENT_SEQ].value
-    for slots, group in zip(tpl.groups, groups):
+    for slots, group in zip(tpl.groups, groups, strict=True):
         items = group._dict[_T_CONTENT_SEQ].value
         cls_name = slots.class_name
         tracking = _uid("tracking", sop_uid, result.model_name, result.model_version, cls_name)

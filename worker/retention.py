@@ -49,9 +49,9 @@ class PurgeReport:
 
 def _eligible(cutoff: dt.datetime):  # type: ignore[no-untyped-def]
     """Finished before ``cutoff``, and no delivery that is not sent."""
-    I, D = jobs.Instance, jobs.Delivery
-    unsent = exists().where(D.instance_id == I.id, D.state != jobs.SendState.SENT.value)
-    return (I.state.in_(FINISHED)) & (I.finished_at < cutoff) & ~unsent
+    Inst, D = jobs.Instance, jobs.Delivery
+    unsent = exists().where(D.instance_id == Inst.id, D.state != jobs.SendState.SENT.value)
+    return (Inst.state.in_(FINISHED)) & (Inst.finished_at < cutoff) & ~unsent
 
 
 def _unlink(spool: Spool, relpath: str, dry_run: bool) -> int | None:

@@ -188,7 +188,7 @@ def send_due(
             results = _to_service(dest, spool, items, settings)
         else:
             results = _to_peer(dest, spool, items, settings)
-        for claim, (status, error) in zip(items, results):
+        for claim, (status, error) in zip(items, results, strict=True):
             if error is None:
                 jobs.mark_sent(db, claim.id, status)
                 audit.record("result_sent", sop_instance_uid=claim.sop_instance_uid, destination=name,

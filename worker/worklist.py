@@ -46,37 +46,37 @@ def send_state(deliveries: Sequence[dict[str, Any]]) -> str | None:
 def rows(db: jobs.Database, f: Filters, *, order: str = "arrival") -> list[dict[str, Any]]:
     """The stable JSON shape of ``query --format json``: ``Instance.as_dict()`` plus
     ``deliveries`` and ``send_state``; ``order`` is ``"arrival"`` (id) or ``"worklist"``."""
-    I = jobs.Instance
-    stmt = select(I)
+    Inst = jobs.Instance
+    stmt = select(Inst)
     if f.states:
-        stmt = stmt.where(I.state.in_(list(f.states)))
+        stmt = stmt.where(Inst.state.in_(list(f.states)))
     if f.predicted_class:
-        stmt = stmt.where(I.predicted_class == f.predicted_class)
+        stmt = stmt.where(Inst.predicted_class == f.predicted_class)
     if f.priority:
-        stmt = stmt.where(I.priority == f.priority)
+        stmt = stmt.where(Inst.priority == f.priority)
     if f.min_probability is not None:
-        stmt = stmt.where(I.top_probability >= f.min_probability)
+        stmt = stmt.where(Inst.top_probability >= f.min_probability)
     if f.since:
-        stmt = stmt.where(I.received_at >= f.since)
+        stmt = stmt.where(Inst.received_at >= f.since)
     if f.until:
-        stmt = stmt.where(I.received_at < f.until)
+        stmt = stmt.where(Inst.received_at < f.until)
     if f.study:
-        stmt = stmt.where(I.study_instance_uid == f.study)
+        stmt = stmt.where(Inst.study_instance_uid == f.study)
     if f.accession:
-        stmt = stmt.where(I.accession_number == f.accession)
+        stmt = stmt.where(Inst.accession_number == f.accession)
     if order == "worklist":
-        rank = case({p: i for i, p in enumerate(PRIORITIES)}, value=I.priority, else_=len(PRIORITIES))
-        screened = case((I.state == jobs.State.DONE.value, 0), else_=1)
-        stmt = stmt.order_by(screened, rank, I.top_probability.desc().nulls_last(), I.received_at, I.id)
+        rank = case({p: i for i, p in enumerate(PRIORITIES)}, value=Inst.priority, else_=len(PRIORITIES))
+        screened = case((Inst.state == jobs.State.DONE.value, 0), else_=1)
+        stmt = stmt.order_by(screened, rank, Inst.top_probability.desc().nulls_last(), Inst.received_at, Inst.id)
     else:
-        stmt = stmt.order_by(I.id)
+        stmt = stmt.order_by(Inst.id)
     if f.limit:
         stmt = stmt.limit(f.limit)
     with db.sessions() as s:
         found = list(s.scalars(stmt))
     out = [row.as_dict() for row in found]
     sends = jobs.deliveries_of(db, [r.id for r in found])
-    for row, d in zip(found, out):
+    for row, d in zip(found, out, strict=True):
         d["deliveries"] = sends.get(row.id, [])
         d["send_state"] = send_state(d["deliveries"])
     return out

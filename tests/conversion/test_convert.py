@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ def test_fp16_conversion_passes_gates_and_writes_card(fp16_result):
                                                      "model.xml"]
     readme = (out / "README.md").read_text()
     acc = json.loads((out / "model.json").read_text())["metrics"]["ir_f32"]["overall"]["accuracy"]
-    assert f"| all | " in readme and f"{100 * acc:.1f}" in readme and "non-commercial" in readme
+    assert "| all | " in readme and f"{100 * acc:.1f}" in readme and "non-commercial" in readme
     assert not out.with_name(out.name + ".partial").exists()
     assert _gate_names(fp16_result) == ["parity_fp32", "parity_fp16", "worker_reproduces"]
     for g in fp16_result.gates:

@@ -29,7 +29,7 @@ class TinyNet(nn.Module):
         )
         self.head = nn.Linear(16, n)
 
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
@@ -44,7 +44,7 @@ class TraceTrap(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.inner(x)
         if bool(x.std() > 0):
             return logits

@@ -379,7 +379,7 @@ def run(
         c.redeliveries = sum(n - 1 for n in sent_lines.values() if n > 1)
 
         expected: dict[str, str] = {}
-        for uid, (path, sha, state, version, lease, study, reason) in rows.items():
+        for uid, (_path, _sha, state, version, _lease, study, reason) in rows.items():
             if state == "done" and version == card["version"]:
                 c.screened += 1
                 expected[str(result_uids(uid, study, card["name"], card["version"]).sr_instance)] = uid

@@ -386,7 +386,7 @@ def test_non_ascii_strings_without_and_with_a_wrong_character_set(screening) -> 
     b.SpecificCharacterSet = "ISO_IR 999"  # unknown character set
     b.PatientName = "Ωmega^Ünknown"
     statuses = send([a, b], screening.port)
-    for ds, status in zip((a, b), statuses):
+    for ds, status in zip((a, b), statuses, strict=True):
         # Names do not matter to screening: the image is screened, the result built.
         assert outcome(screening, ds.SOPInstanceUID, status)[0] == "done"
 

@@ -50,7 +50,7 @@ def test_full_run_logs_no_patient_identity_and_audits_everything(tmp_path: Path,
 
         assert wait_for(lambda: echo(port) == 0 or proc.poll() is not None, timeout=60)
         dss = []
-        for i, (name, pid) in enumerate(zip(NAMES, IDS)):
+        for i, (name, pid) in enumerate(zip(NAMES, IDS, strict=True)):
             ds = make_image(rows=96, cols=80, seed=i, patient_name=name, patient_id=pid)
             ds.PatientBirthDate = BIRTH
             dss.append(ds)
@@ -84,7 +84,7 @@ def test_config_and_model_changes_are_audited(tmp_path: Path, toy_model: Path) -
         from support import echo
 
         aet = extra[1] if extra else "CXRTRIAGE"
-        assert wait_for(lambda: echo(port, called=aet) == 0 or proc.poll() is not None, timeout=60)
+        assert wait_for(lambda aet=aet, proc=proc: echo(port, called=aet) == 0 or proc.poll() is not None, timeout=60)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     docs = [json.loads(x) for x in (tmp_path / "var" / "audit.jsonl").read_text().splitlines()]

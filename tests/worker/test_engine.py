@@ -105,7 +105,7 @@ def test_probabilities_dicts(engine: Engine, batch: np.ndarray) -> None:
     rows = engine.probabilities(batch[:4])
     arr = engine.infer(batch[:4])
     assert len(rows) == 4
-    for row, ref in zip(rows, arr):
+    for row, ref in zip(rows, arr, strict=True):
         assert tuple(row) == CLASSES  # card class order
         assert all(type(v) is float for v in row.values())
         assert list(row.values()) == ref.tolist()

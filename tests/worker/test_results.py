@@ -584,7 +584,7 @@ def _dataset_differences(fast: Dataset, ref: Dataset, path: str = "") -> list[st
             if len(a.value) != len(b.value):
                 out.append(f"{where}: {len(a.value)} items != {len(b.value)}")
             else:
-                for i, (x, y) in enumerate(zip(a.value, b.value)):
+                for i, (x, y) in enumerate(zip(a.value, b.value, strict=True)):
                     out += _dataset_differences(x, y, f"{where}[{i}].")
         elif type(a.value) is not type(b.value) or a.value != b.value or str(a.value) != str(b.value):
             out.append(f"{where}: {type(a.value).__name__} {a.value!r} != {type(b.value).__name__} {b.value!r}")
@@ -732,7 +732,7 @@ def test_fast_sr_templates_are_not_changed_by_callers() -> None:
 def test_fast_sr_is_thread_safe() -> None:
     sources = [source_image() for _ in range(4)]
     results_ = [make_result(p, version=f"9.{i}") for i, p in enumerate(("normal", "pneumonia", "covid19", "covid19"))]
-    expected = [_encoded(results._build_sr_reference(s, r, now=NOW)) for s, r in zip(sources, results_)]
+    expected = [_encoded(results._build_sr_reference(s, r, now=NOW)) for s, r in zip(sources, results_, strict=True)]
     got: list[list[bytes]] = [[] for _ in sources]
 
     def work(i: int) -> None:

@@ -331,7 +331,7 @@ def test_serve_web_port_flag_and_environment(tmp_path: Path) -> None:
             env["CXR_TRIAGE_WEB_PORT"] = str(web_port)
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            def up() -> bool:
+            def up(web_port: int = web_port, proc: subprocess.Popen[str] = proc) -> bool:
                 try:
                     return _get(f"http://127.0.0.1:{web_port}/api/studies")[0] == 200
                 except OSError:
