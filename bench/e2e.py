@@ -220,7 +220,9 @@ def _results(data_dir: Path, start: float) -> dict[str, Any]:
     return out
 
 
-def _start_node(model: Path, data_dir: Path, port: int, dest: str, env: dict[str, str], *extra: str) -> subprocess.Popen:
+def _start_node(
+    model: Path, data_dir: Path, port: int, dest: str, env: dict[str, str], *extra: str
+) -> subprocess.Popen:
     node = run_node(["serve", "--data-dir", str(data_dir), "--port", str(port), "--bind", "127.0.0.1", "--model",
                      str(model), "--destination", dest, *extra], env)
     assert wait(lambda: echo(port), 90), node.stderr.read() if node.poll() is not None else "no echo"

@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t = time.perf_counter()
         files, total_bytes = generate(tmp / "input", args.n)
-        print(f"generated {args.n} files, {total_bytes / 2**20:.1f} MiB, in {time.perf_counter() - t:.1f} s", flush=True)
+        print(
+            f"generated {args.n} files, {total_bytes / 2**20:.1f} MiB, in {time.perf_counter() - t:.1f} s", flush=True
+        )
 
         runs: dict[str, list[float]] = {k: [] for k in TARGETS}
         keep: Path | None = None  # data dir of the last durable node run, for the pipeline

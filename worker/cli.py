@@ -37,14 +37,18 @@ log = logging.getLogger(__name__)
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration file (env CXR_TRIAGE_CONFIG)")
     p.add_argument("--data-dir", metavar="DIR", help="spool and SQLite database folder [storage.data_dir]")
-    p.add_argument("--database", metavar="URL", help="SQLAlchemy URL, e.g. postgresql+psycopg://... [storage.database_url]")
+    p.add_argument(
+        "--database", metavar="URL", help="SQLAlchemy URL, e.g. postgresql+psycopg://... [storage.database_url]"
+    )
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR [log_level]")
     p.add_argument("--log-format", choices=["text", "json"], help="one JSON object per line with json [log_format]")
 
 
 def _node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="folder with model.xml, model.bin, model.json [model.path]")
-    p.add_argument("--precision", choices=["f32", "bf16", "f16", "int8"], help="override the model card [model.precision]")
+    p.add_argument(
+        "--precision", choices=["f32", "bf16", "f16", "int8"], help="override the model card [model.precision]"
+    )
     p.add_argument("--batch-size", type=int, metavar="N", help="images per batch [batch.size]")
     p.add_argument("--destination", action="append", metavar="SPEC",
                    help="result destination AET@host:port or folder:PATH, repeatable [destinations]")
@@ -109,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rescreen", help="put finished jobs back in the queue by filter (e.g. after a model upgrade)")
     _common(p)
-    p.add_argument("--state", action="append", choices=["done", "skipped", "failed"], help="repeatable (default: all three)")
+    p.add_argument(
+        "--state", action="append", choices=["done", "skipped", "failed"], help="repeatable (default: all three)"
+    )
     p.add_argument("--since", metavar="WHEN", help="received at or after (ISO 8601 date or time, UTC)")
     p.add_argument("--until", metavar="WHEN", help="received before (ISO 8601 date or time, UTC)")
     p.add_argument("--class", dest="predicted_class", metavar="NAME", help="predicted class")
@@ -118,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every finished job (no filter)")
     p.add_argument("--dry-run", action="store_true", help="only count")
 
-    p = sub.add_parser("purge", help="delete spooled images (PHI) of finished, delivered jobs past storage.retention_days")
+    p = sub.add_parser(
+        "purge", help="delete spooled images (PHI) of finished, delivered jobs past storage.retention_days"
+    )
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     p.add_argument("--days", type=int, metavar="N", help="older than N days instead of storage.retention_days")
@@ -300,7 +308,9 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
         _print_table(rows, ["at", "kind", "status", "calling_ae", "sop_instance_uid", "reason"])
     else:
         for r in rows:  # why a result is not delivered yet, or never will be (also in --format json: deliveries)
-            errors = [d["last_error"] for d in r["deliveries"] if d["state"] != jobs.SendState.SENT.value and d["last_error"]]
+            errors = [
+                d["last_error"] for d in r["deliveries"] if d["state"] != jobs.SendState.SENT.value and d["last_error"]
+            ]
             r["send_error"] = "; ".join(dict.fromkeys(errors)) or None
         _print_table(
             rows,
@@ -363,7 +373,9 @@ def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
             configured = [d.name for d in settings.result_destinations]
             if args.to not in recorded and args.to not in configured:
                 known = configured + sorted(recorded - set(configured))
-                raise CommandError(f"--to {args.to!r} is not a destination (destinations: {', '.join(known) or 'none'})")
+                raise CommandError(
+                    f"--to {args.to!r} is not a destination (destinations: {', '.join(known) or 'none'})"
+                )
         n = jobs.resend(db, sop_instance_uid=args.sop, destination=args.to)
         print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again")
         if args.now and n:

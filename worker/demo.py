@@ -185,7 +185,9 @@ def _snapshot(db: jobs.Database, uids: list[str]) -> dict[str, dict[str, Any]]:
 def _finished(row: dict[str, Any] | None) -> bool:
     if row is None or row["state"] not in FINAL:
         return False
-    pending = [d for d in row["_deliveries"] if d["state"] not in (jobs.SendState.SENT.value, jobs.SendState.FAILED.value)]
+    pending = [
+        d for d in row["_deliveries"] if d["state"] not in (jobs.SendState.SENT.value, jobs.SendState.FAILED.value)
+    ]
     return not pending
 
 
@@ -292,7 +294,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         # (then no other server can), and it must still be running when the C-ECHO is answered.
         while True:
             bound = _listening_port(log_path, aet)
-            if bound is not None and proc.poll() is None and _echo(host, bound, aet, timeout=2.0) and proc.poll() is None:
+            if (
+                bound is not None
+                and proc.poll() is None
+                and _echo(host, bound, aet, timeout=2.0)
+                and proc.poll() is None
+            ):
                 port = bound
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -304,7 +311,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         files = [s.path for s in samples]
         t0 = time.monotonic()
-        rc = (_send_storescu if shutil.which("storescu") and not args.pynetdicom else _send_pynetdicom)(files, host, port, aet)
+        rc = (_send_storescu if shutil.which("storescu") and not args.pynetdicom else _send_pynetdicom)(
+            files, host, port, aet
+        )
         if rc != 0:
             _say(f"the DICOM client reported a failure (exit {rc}); waiting for what was accepted")
         db = jobs.Database.open(dataclasses.replace(settings.storage, data_dir=data_dir).url, upgrade=False)
@@ -334,7 +343,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for line in _table(samples, rows, list(card.classes)):
             print(line)
         print()
-        matched = sum(1 for s in samples if s.expected and rows.get(s.sop_instance_uid, {}).get("predicted_class") == s.expected)
+        matched = sum(
+            1 for s in samples if s.expected and rows.get(s.sop_instance_uid, {}).get("predicted_class") == s.expected
+        )
         known = sum(1 for s in samples if s.expected)
         acc = card_accuracy(card.raw)
         measured = f"; the model card measured {acc * 100:.1f} % accuracy on its test split" if acc is not None else ""

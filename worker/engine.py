@@ -81,7 +81,8 @@ def _check_num_streams(num_streams: int | str | None) -> str | None:
 
 
 class Engine:
-    """Compile the IR once per process; infer batches through ``ov.AsyncInferQueue`` with the THROUGHPUT performance hint.
+    """Compile the IR once per process; infer batches through ``ov.AsyncInferQueue`` with the
+    THROUGHPUT performance hint.
 
     Attributes:
         card: the validated model card.

@@ -125,8 +125,13 @@ def build_bundle(source: Dataset, result: TriageResult, sr_uid: str, *, now: dt.
         resource = {"resourceType": "Observation",
                     "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{ident}"}],
                     **{k: v for k, v in common.items() if v is not None}, **body}
-        entries.append({"fullUrl": f"urn:uuid:{ident}", "resource": resource,
-                        "request": {"method": "PUT", "url": f"Observation?identifier=urn:ietf:rfc:3986|urn:uuid:{ident}"}})
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{ident}",
+                "resource": resource,
+                "request": {"method": "PUT", "url": f"Observation?identifier=urn:ietf:rfc:3986|urn:uuid:{ident}"},
+            }
+        )
         refs.append({"reference": f"urn:uuid:{ident}"})
     report_id = uuid.uuid5(_NS, f"{sr_uid}/report")
     report: dict[str, Any] = {

@@ -91,7 +91,9 @@ class QueueCollector(Collector):
         from worker.priority import PRIORITIES
 
         by_priority = jobs.priority_counts(db)
-        screened = CounterMetricFamily("cxr_triage_screened", "Screened images, by triage priority", labels=["priority"])
+        screened = CounterMetricFamily(
+            "cxr_triage_screened", "Screened images, by triage priority", labels=["priority"]
+        )
         for p in PRIORITIES:
             screened.add_metric([p], by_priority.get(p, 0))
         yield screened

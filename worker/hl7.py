@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 VERSION = "2.5.1"
 #: HL7 table 0027 (Priority) for our priorities: STAT, ASAP, Routine.
-PRIORITY_0027: dict[str, tuple[str, str]] = {"urgent": ("S", "STAT"), "high": ("A", "ASAP"), "routine": ("R", "Routine")}
+PRIORITY_0027: dict[str, tuple[str, str]] = {
+    "urgent": ("S", "STAT"),
+    "high": ("A", "ASAP"),
+    "routine": ("R", "Routine"),
+}
 #: HL7 table 0001 (Administrative Sex) from DICOM Patient's Sex (M, F, O).
 _SEX = {"M": "M", "F": "F", "O": "O"}
 DELIVERED_ACKS = frozenset({"AA", "CA"})

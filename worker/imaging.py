@@ -133,7 +133,10 @@ class PreprocessSpec:
 
     @classmethod
     def from_card(cls, card: Mapping[str, Any]) -> PreprocessSpec:
-        """From a model card dict: card["input"] = {"size":[h,w], "channels":3, "mean":[...], "std":[...], "layout":"NCHW"}, card.get("preprocessing", {}) = {"voi":..., "percentiles":[lo,hi], "crop":...}. Missing keys take defaults; bad values raise ValueError naming the key (e.g. "model card input.size must be two positive integers")."""
+        """From a model card dict: card["input"] = {"size":[h,w], "channels":3, "mean":[...],
+        "std":[...], "layout":"NCHW"}, card.get("preprocessing", {}) = {"voi":...,
+        "percentiles":[lo,hi], "crop":...}. Missing keys take defaults; bad values raise ValueError
+        naming the key (e.g. "model card input.size must be two positive integers")."""
         if not isinstance(card, Mapping):
             raise ValueError("model card must be an object")
         inp = card.get("input", {})
@@ -179,11 +182,20 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+    return (
+        isinstance(v, (int, float, np.integer, np.floating))
+        and not isinstance(v, (bool, np.bool_))
+        and math.isfinite(v)
+    )
 
 
 def _check_size(v: Any, key: str) -> tuple[int, int]:
-    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2 or not all(_is_int(x) and x > 0 for x in v):
+    if (
+        isinstance(v, (str, bytes))
+        or not isinstance(v, Sequence)
+        or len(v) != 2
+        or not all(_is_int(x) and x > 0 for x in v)
+    ):
         raise ValueError(f"{key} must be two positive integers")
     return (int(v[0]), int(v[1]))
 
@@ -612,7 +624,13 @@ def _try_j2k_reduced(frame: bytes, g: _Geometry, spec: PreprocessSpec, failures:
 
 
 def decode(ds: pydicom.Dataset, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
-    """Stored pixel values of the first frame as a 2-D array (no LUTs applied). Raises PixelError with a readable reason for: no PixelData, Rows/Columns zero or missing, declared size over spec.max_bytes (check BEFORE decoding), SamplesPerPixel != 1, native pixel data shorter than Rows*Columns*frames*BitsAllocated/8 (truncated) or more than that plus one padding byte (too long: pydicom would silently read it as extra frames), encapsulated data that fails to decode (catch the decoder's exception and say which transfer syntax), decoded array whose shape isn't (Rows, Columns), unsupported transfer syntax.
+    """Stored pixel values of the first frame as a 2-D array (no LUTs applied). Raises PixelError with
+    a readable reason for: no PixelData, Rows/Columns zero or missing, declared size over
+    spec.max_bytes (check BEFORE decoding), SamplesPerPixel != 1, native pixel data shorter than
+    Rows*Columns*frames*BitsAllocated/8 (truncated) or more than that plus one padding byte (too
+    long: pydicom would silently read it as extra frames), encapsulated data that fails to decode
+    (catch the decoder's exception and say which transfer syntax), decoded array whose shape isn't
+    (Rows, Columns), unsupported transfer syntax.
 
     Native little-endian data (Implicit/Explicit VR LE, Deflated) is read with ``np.frombuffer``
     (PS3.5 8.1.1): dtype uint8/uint16 or int8/int16 per BitsAllocated and PixelRepresentation,
@@ -850,7 +868,9 @@ def _padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
     return (stored >= lo) & (stored <= hi)
 
 
-def _weighted_percentiles(values: np.ndarray, counts: np.ndarray, qs: tuple[float, float]) -> tuple[float, float] | None:
+def _weighted_percentiles(
+    values: np.ndarray, counts: np.ndarray, qs: tuple[float, float]
+) -> tuple[float, float] | None:
     """Percentiles by the inverted CDF (numpy ``method="inverted_cdf"``): the smallest value whose
     cumulative count reaches q% of the total.  ``None`` when there is nothing to count."""
     keep = (counts > 0) & np.isfinite(values)
@@ -953,7 +973,11 @@ def _take(lut: np.ndarray, words: np.ndarray) -> np.ndarray:
 
 
 def to_grey8(ds: pydicom.Dataset, stored: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
-    """uint8 2-D display image: Modality LUT (RescaleSlope/Intercept; a Modality LUT Sequence if present), then VOI (per spec.voi: VOI LUT Sequence, else first WindowCenter/WindowWidth with the DICOM PS3.3 C.11.2.1.2 linear function, VOILUTFunction SIGMOID/LINEAR_EXACT supported if simple, else robust min-max by spec.percentiles), then MONOCHROME1 inverted so that bone is bright. Degenerate (flat) images give a clear result (all zeros), not NaN.
+    """uint8 2-D display image: Modality LUT (RescaleSlope/Intercept; a Modality LUT Sequence if
+    present), then VOI (per spec.voi: VOI LUT Sequence, else first WindowCenter/WindowWidth with the
+    DICOM PS3.3 C.11.2.1.2 linear function, VOILUTFunction SIGMOID/LINEAR_EXACT supported if simple,
+    else robust min-max by spec.percentiles), then MONOCHROME1 inverted so that bone is bright.
+    Degenerate (flat) images give a clear result (all zeros), not NaN.
 
     Details:
       * Output values are ``floor(y + 0.5)`` of the PS3.3 formulas with ymin=0, ymax=255.
@@ -1016,7 +1040,10 @@ def _norm_table(mean: tuple[float, ...], std: tuple[float, ...], channels: int) 
 
 
 def grey_to_input(grey8: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
-    """float32 (channels, H, W): crop per spec.crop, resize to spec.size with Pillow (antialiased, e.g. BILINEAR with reducing_gap or BOX then BILINEAR; say which in the docstring), scale to [0,1], normalise by mean/std per channel, replicate grey to channels. Training calls this on its 8-bit PNGs, so PNG training and DICOM serving see the same pixels.
+    """float32 (channels, H, W): crop per spec.crop, resize to spec.size with Pillow (antialiased, e.g.
+    BILINEAR with reducing_gap or BOX then BILINEAR; say which in the docstring), scale to [0,1],
+    normalise by mean/std per channel, replicate grey to channels. Training calls this on its 8-bit
+    PNGs, so PNG training and DICOM serving see the same pixels.
 
     Resampling: ``Image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)``, i.e. Pillow
     first box-reduces by the largest integer factor that keeps the remaining scale >= 2 (e.g.
@@ -1106,7 +1133,8 @@ def pil_to_grey8(im: Image.Image) -> np.ndarray:
 
 
 def load_image_file(path: str | os.PathLike, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
-    """PNG/JPEG (8- or 16-bit grey or RGB) -> grey8 (16-bit scaled by min-max, RGB converted to L) -> grey_to_input. For training.
+    """PNG/JPEG (8- or 16-bit grey or RGB) -> grey8 (16-bit scaled by min-max, RGB converted to L)
+    -> grey_to_input. For training.
 
     The EXIF orientation is applied first (as when the training PNGs were made).  Errors from
     Pillow (missing file, not an image) propagate as OSError.

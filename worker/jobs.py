@@ -190,7 +190,8 @@ class IntakeEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
-    kind: Mapped[str] = mapped_column(String(32), nullable=False)  # refused | duplicate | duplicate_differs | association_rejected | ignored
+    # refused | duplicate | duplicate_differs | association_rejected | ignored
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
     status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status returned, if any
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     peer: Mapped[str | None] = mapped_column(String(64))
@@ -560,7 +561,9 @@ def _add_deliveries(s: Session, instance_id: int, items: Iterable[NewDelivery], 
     """Insert deliveries, or put an existing one (same object, same destination) back to pending."""
     for d in items:
         row = s.scalar(
-            select(Delivery).where(Delivery.sop_instance_uid == d.sop_instance_uid, Delivery.destination == d.destination)
+            select(Delivery).where(
+                Delivery.sop_instance_uid == d.sop_instance_uid, Delivery.destination == d.destination
+            )
         )
         if row is None:
             s.add(
@@ -690,8 +693,14 @@ def previous_results(db: Database, job_ids: Sequence[int]) -> dict[int, Previous
     with db.sessions() as s:
         for r in s.scalars(select(Instance).where(Instance.id.in_(list(job_ids)), Instance.probabilities.is_not(None))):
             if r.model_name and r.model_version and r.predicted_class:
-                out[r.id] = PreviousResult(r.model_name, r.model_version, r.predicted_class, dict(r.probabilities or {}),
-                                           r.priority, r.triage_reason)
+                out[r.id] = PreviousResult(
+                    r.model_name,
+                    r.model_version,
+                    r.predicted_class,
+                    dict(r.probabilities or {}),
+                    r.priority,
+                    r.triage_reason,
+                )
     return out
 
 
@@ -770,7 +779,9 @@ def priority_counts(db: Database) -> dict[str, int]:
     """Number of screened (``done``) images per triage priority."""
     with db.sessions() as s:
         rows = s.execute(
-            select(Instance.priority, func.count()).where(Instance.state == State.DONE.value).group_by(Instance.priority)
+            select(Instance.priority, func.count())
+            .where(Instance.state == State.DONE.value)
+            .group_by(Instance.priority)
         ).all()
     return {p: n for p, n in rows if p is not None}
 
@@ -853,7 +864,12 @@ def mark_sent(db: Database, delivery_id: int, status: int | None, now: dt.dateti
     with db.sessions.begin() as s:
         row = s.get(Delivery, delivery_id)
         if row is not None:
-            row.state, row.last_status, row.sent_at, row.last_error = SendState.SENT.value, status, now or utcnow(), None
+            row.state, row.last_status, row.sent_at, row.last_error = (
+                SendState.SENT.value,
+                status,
+                now or utcnow(),
+                None,
+            )
 
 
 def mark_retry(
@@ -905,7 +921,9 @@ def deliveries_of(db: Database, instance_ids: Sequence[int]) -> dict[int, list[d
     if not instance_ids:
         return out
     with db.sessions() as s:
-        for row in s.scalars(select(Delivery).where(Delivery.instance_id.in_(list(instance_ids))).order_by(Delivery.id)):
+        for row in s.scalars(
+            select(Delivery).where(Delivery.instance_id.in_(list(instance_ids))).order_by(Delivery.id)
+        ):
             out.setdefault(row.instance_id, []).append(row.as_dict())
     return out
 

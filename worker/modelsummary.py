@@ -47,7 +47,9 @@ def _metrics_table(card: ModelCard) -> list[str]:
         rows.append(cells)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     split = m.get("split", "test")
-    out = [f"metrics on the {split} split (n = {m.get('n', '-')}, {deployed}; accuracy, sensitivity, specificity in %):"]
+    out = [
+        f"metrics on the {split} split (n = {m.get('n', '-')}, {deployed}; accuracy, sensitivity, specificity in %):"
+    ]
     for r in [head, ["-" * w for w in widths], *rows]:
         out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return out

@@ -119,7 +119,10 @@ class Node:
         if self.batch:
             self.engine = load_engine(self.settings)  # fail before opening a port
             log.info(
-                "model %s %s loaded (precision %s)", self.engine.card.name, self.engine.card.version, self.engine.precision
+                "model %s %s loaded (precision %s)",
+                self.engine.card.name,
+                self.engine.card.version,
+                self.engine.precision,
             )
         self.db, self.spool = open_storage(self.settings)
         self.audit = audit_log.AuditLog(self.settings.storage.audit_path)
@@ -178,7 +181,9 @@ class Node:
 
         config_sha = audit_log.fingerprint(dataclasses.asdict(self.settings))
         card = self.engine.card if self.engine is not None else None
-        model = {"model_name": card.name, "model_version": card.version, "model_sha256": card.bin_sha256} if card else {}
+        model = (
+            {"model_name": card.name, "model_version": card.version, "model_sha256": card.bin_sha256} if card else {}
+        )
         last = self.audit.last("node_started")
         if last is not None and last.get("config_sha256") != config_sha:
             self.audit.record("config_changed", previous=last.get("config_sha256"), current=config_sha)

@@ -62,7 +62,9 @@ def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None 
     return max(0.0, base * (1.0 + r))
 
 
-def _to_folder(dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim]) -> list[tuple[int | None, str | None]]:
+def _to_folder(
+    dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim]
+) -> list[tuple[int | None, str | None]]:
     """Copy each object durably to ``<path>/<sop_instance_uid>.dcm`` (atomic, fsync'd)."""
     assert dest.path is not None
     target = Spool(dest.path, fsync=spool.fsync)
@@ -105,7 +107,9 @@ def _to_peer(
         return [(None, f"{dest.name}: cannot associate: {exc}")] * len(items)
     if not assoc.is_established:
         # pynetdicom reports a refused or timed-out TCP connection as an abort
-        why = "association rejected" if assoc.is_rejected else "no association (connection refused, timed out or aborted)"
+        why = (
+            "association rejected" if assoc.is_rejected else "no association (connection refused, timed out or aborted)"
+        )
         return [(None, f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {why}")] * len(items)
     out: list[tuple[int | None, str | None]] = []
     try:

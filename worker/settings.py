@@ -374,7 +374,9 @@ def _validate(s: Settings) -> None:
     if s.storage.retention_days < 0:
         raise SettingsError(f"storage.retention_days must be >= 0 (0 = keep for ever), got {s.storage.retention_days}")
     if s.database.retention_days < 0:
-        raise SettingsError(f"database.retention_days must be >= 0 (0 = keep for ever), got {s.database.retention_days}")
+        raise SettingsError(
+            f"database.retention_days must be >= 0 (0 = keep for ever), got {s.database.retention_days}"
+        )
     if s.database.retention_days and not 0 < s.storage.retention_days <= s.database.retention_days:
         raise SettingsError(
             f"database.retention_days ({s.database.retention_days}) needs storage.retention_days between 1 and it "

@@ -65,9 +65,15 @@ def toy_weights(n_classes: int, size: tuple[int, int], channels: int, seed: int)
     return weights.astype(np.float32), bias.astype(np.float32)
 
 
-def _check_args(classes: Sequence[str], size: Sequence[int], channels: int, output: str) -> tuple[tuple[str, ...], tuple[int, int]]:
+def _check_args(
+    classes: Sequence[str], size: Sequence[int], channels: int, output: str
+) -> tuple[tuple[str, ...], tuple[int, int]]:
     classes_t = tuple(classes)
-    if len(classes_t) < 2 or len(set(classes_t)) != len(classes_t) or not all(isinstance(c, str) and c for c in classes_t):
+    if (
+        len(classes_t) < 2
+        or len(set(classes_t)) != len(classes_t)
+        or not all(isinstance(c, str) and c for c in classes_t)
+    ):
         raise ValueError(f"classes must be at least 2 unique non-empty strings (got {classes!r})")
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
         raise ValueError(f"size must be (height, width), two positive integers (got {size!r})")
