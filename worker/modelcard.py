@@ -147,7 +147,9 @@ class _Checker:
             raise self.fail(fld, f"must be a non-empty string (got {v!r})")
         return v
 
-    def choice(self, parent: Mapping[str, Any], key: str, fld: str, choices: tuple[str, ...], *, default: str | None = None) -> str:
+    def choice(
+        self, parent: Mapping[str, Any], key: str, fld: str, choices: tuple[str, ...], *, default: str | None = None
+    ) -> str:
         if key not in parent and default is not None:
             return default
         v = parent.get(key)
@@ -163,7 +165,9 @@ class _Checker:
             raise self.fail(fld, f"must be a positive integer (got {got})")
         return int(v)
 
-    def numbers(self, parent: Mapping[str, Any], key: str, fld: str, channels: int, *, positive: bool) -> tuple[float, ...]:
+    def numbers(
+        self, parent: Mapping[str, Any], key: str, fld: str, channels: int, *, positive: bool
+    ) -> tuple[float, ...]:
         v = parent.get(key)
         what = "positive" if positive else "finite"
         ok = (
@@ -273,7 +277,9 @@ class ModelCard:
         schema = data.get("schema")
         if not _is_int(schema) or schema != SCHEMA_VERSION:
             got = "missing" if "schema" not in data else repr(schema)
-            raise chk.fail("schema", f"must be {SCHEMA_VERSION} (got {got}); this worker reads schema {SCHEMA_VERSION} only")
+            raise chk.fail(
+                "schema", f"must be {SCHEMA_VERSION} (got {got}); this worker reads schema {SCHEMA_VERSION} only"
+            )
 
         name = chk.string(data, "name", "name")
         version = chk.string(data, "version", "version")
@@ -414,7 +420,9 @@ def write_card(model_dir: str | os.PathLike[str], card_dict: Mapping[str, Any]) 
     finally:
         if tmp.exists():
             tmp.unlink()
-    log.info("wrote %s (%s %s, bin sha256 %s)", card_path, data.get("name"), data.get("version"), files["bin_sha256"][:12])
+    log.info(
+        "wrote %s (%s %s, bin sha256 %s)", card_path, data.get("name"), data.get("version"), files["bin_sha256"][:12]
+    )
     return card_path
 
 
