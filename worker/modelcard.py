@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     # bool is an int subclass; a JSON true where a count belongs is a mistake, not a 1.
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -178,7 +178,7 @@ class _Checker:
         if not ok:
             got = "missing" if key not in parent else repr(v)
             raise self.fail(fld, f"must be a list of 1 or {channels} (input.channels) {what} numbers (got {got})")
-        vals = tuple(float(x) for x in v)
+        vals = tuple(float(x) for x in v)  # type: ignore[union-attr]  # a list or tuple: checked above
         return vals * channels if len(vals) == 1 else vals
 
 
