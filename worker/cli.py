@@ -333,7 +333,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             ignored = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind == "ignored")) or 0
     finally:
         db.close()
-    out = {
+    out: dict[str, Any] = {
         "counts": {st.value: counts.get(st.value, 0) for st in jobs.State},
         "total": sum(counts.values()),
         "intake_refusals": refused,

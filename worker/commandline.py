@@ -46,7 +46,8 @@ def open_existing(settings: Settings) -> jobs.Database:
             jobs.migrate(db.engine)
     except SQLAlchemyError as exc:
         db.close()
-        detail = str(exc.orig if getattr(exc, "orig", None) is not None else exc).strip().splitlines()[0]
+        orig = getattr(exc, "orig", None)
+        detail = str(orig if orig is not None else exc).strip().splitlines()[0]
         raise CommandError(f"cannot open the triage database {where}: {detail}") from None
     except CommandError:
         db.close()

@@ -355,7 +355,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             if d.message_based:
                 _say(f"{d.type.upper()} messages ({d.name}): {d.url or f'{d.host}:{d.port}'}")
                 continue
-            where = d.path.resolve() if d.type == "folder" else f"{d.ae_title}@{d.host}:{d.port}"
+            where = d.path.resolve() if d.type == "folder" and d.path is not None else f"{d.ae_title}@{d.host}:{d.port}"
             _say(f"SR objects ({d.name}): {where}")
         _say(f"the triage database: cxr-triage query --data-dir {data_dir}")
         if args.web_port is not None:

@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import openvino as ov
@@ -60,7 +60,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return cast(np.ndarray, e / e.sum(axis=-1, keepdims=True))
 
 
 def _check_num_streams(num_streams: int | str | None) -> str | None:
@@ -307,7 +307,7 @@ class Engine:
                 f"(row sums {np.round(sums[:5], 4).tolist()}, min {probs.min():.4g}); should it be 'logits'?"
             )
         probs = np.clip(probs, 0.0, None)
-        return probs / probs.sum(axis=1, keepdims=True)
+        return cast(np.ndarray, probs / probs.sum(axis=1, keepdims=True))
 
     def probabilities(self, batch: np.ndarray) -> list[dict[str, float]]:
         """:meth:`infer`, as one ``{class name: probability}`` dict per image (card class order)."""

@@ -11,6 +11,7 @@ Metrics use prometheus-client (no hand-written exposition format).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -83,7 +84,7 @@ class QueueCollector(Collector):
         age = GaugeMetricFamily("cxr_triage_oldest_waiting_seconds", "Age of the oldest queued job (0 when none)")
         if oldest is not None:
             if oldest.tzinfo is None:
-                oldest = oldest.replace(tzinfo=jobs.dt.timezone.utc)
+                oldest = oldest.replace(tzinfo=dt.UTC)
             age.add_metric([], max(0.0, (jobs.utcnow() - oldest).total_seconds()))
         else:
             age.add_metric([], 0.0)
@@ -98,8 +99,8 @@ class QueueCollector(Collector):
             screened.add_metric([p], by_priority.get(p, 0))
         yield screened
         deliveries = CounterMetricFamily("cxr_triage_deliveries", "Result deliveries, by state", labels=["state"])
-        for st in jobs.SendState:
-            deliveries.add_metric([st.value], sends.get(st.value, 0))
+        for sst in jobs.SendState:
+            deliveries.add_metric([sst.value], sends.get(sst.value, 0))
         yield deliveries
         if self.state.model_version:
             info = InfoMetricFamily("cxr_triage_model", "The model this node screens with")

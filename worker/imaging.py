@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -352,7 +352,7 @@ def _check_native_length(ds: pydicom.Dataset, g: _Geometry) -> bytes:
             f"{g.rows}x{g.cols}x{g.frames} frame(s) of {g.bits_allocated} bits "
             "(wrong Rows/Columns/NumberOfFrames?)"
         )
-    return data
+    return cast(bytes, data)
 
 
 _JPEG_FAMILY = frozenset(
@@ -505,7 +505,7 @@ def _decode_j2k_reduced(frame: bytes, header: _J2KHeader, r: int) -> np.ndarray 
     import io
 
     with Image.open(io.BytesIO(frame)) as im:
-        im.reduce = r  # Jpeg2KImageFile: decode only up to this resolution level
+        im.reduce = r  # type: ignore[method-assign,assignment]  # Jpeg2KImageFile: decode only up to this resolution level
         im.load()
         arr = np.asarray(im)
     if arr.dtype == np.uint16 and 8 < header.precision <= 16:
@@ -651,7 +651,7 @@ def decode(ds: pydicom.Dataset, spec: PreprocessSpec = PreprocessSpec()) -> np.n
         return (arr << shift).view(signed.dtype) >> shift
     if g.bits_stored == bits:
         return arr
-    return arr & arr.dtype.type((1 << g.bits_stored) - 1)
+    return cast(np.ndarray, arr & arr.dtype.type((1 << g.bits_stored) - 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,7 +738,7 @@ def _apply_table(values: np.ndarray, first: int, x: np.ndarray) -> np.ndarray:
     """LUT lookup: inputs below the first mapped value take the first entry, above the last take
     the last (PS3.3 C.11.1.1.1 / C.11.2.1.1)."""
     idx = np.clip(np.rint(x - first), 0, values.size - 1).astype(np.intp)
-    return values[idx]
+    return cast(np.ndarray, values[idx])
 
 
 def _modality(ds: pydicom.Dataset) -> tuple[Callable[[np.ndarray], np.ndarray], bool]:
@@ -959,7 +959,7 @@ def _table_lut(ds: pydicom.Dataset, spec: PreprocessSpec, full: np.ndarray, doma
         return _weighted_percentiles(modality(domain.levels), counts, spec.percentiles)
 
     per_level = _transfer(ds, spec, percentiles_of)(domain.levels)
-    return per_level[domain.index]
+    return cast(np.ndarray, per_level[domain.index])
 
 
 def _take(lut: np.ndarray, words: np.ndarray) -> np.ndarray:
@@ -1066,7 +1066,7 @@ def fit_grey(grey8: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.n
     bit-identical to ``grey_to_input(g, spec)``."""
     if grey8.ndim != 2 or grey8.dtype != np.uint8:
         raise ValueError(f"grey_to_input needs a 2-D uint8 image, got {grey8.dtype} {grey8.shape}")
-    rs, cs = _crop_box(*grey8.shape, spec.crop)
+    rs, cs = _crop_box(grey8.shape[0], grey8.shape[1], spec.crop)
     img = grey8[rs, cs]
     h, w = spec.size
     if img.shape != (h, w):
@@ -1096,7 +1096,7 @@ def preprocess(
     else:
         domain = _domain(arr.dtype.str, None, None)
     lut = _table_lut(ds, spec, arr, domain)
-    rs, cs = _crop_box(*arr.shape, spec.crop)
+    rs, cs = _crop_box(arr.shape[0], arr.shape[1], spec.crop)
     grey = _take(lut, _unsigned(arr)[rs, cs])
     return grey_to_input(grey, spec)
 
@@ -1116,7 +1116,7 @@ def _minmax8(a: np.ndarray) -> np.ndarray:
     if hi <= lo:
         return np.zeros(a.shape, dtype=np.uint8)
     y = (np.nan_to_num(a, nan=lo) - lo) * (255.0 / (hi - lo))
-    return np.floor(np.clip(y, 0.0, 255.0) + 0.5).astype(np.uint8)
+    return cast(np.ndarray, np.floor(np.clip(y, 0.0, 255.0) + 0.5).astype(np.uint8))
 
 
 def pil_to_grey8(im: Image.Image) -> np.ndarray:
@@ -1132,7 +1132,7 @@ def pil_to_grey8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"))  # RGB/RGBA/P/LA/1/CMYK: ITU-R 601-2 luma
 
 
-def load_image_file(path: str | os.PathLike, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+def load_image_file(path: str | os.PathLike[str], spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
     """PNG/JPEG (8- or 16-bit grey or RGB) -> grey8 (16-bit scaled by min-max, RGB converted to L)
     -> grey_to_input. For training.
 
@@ -1140,6 +1140,5 @@ def load_image_file(path: str | os.PathLike, spec: PreprocessSpec = PreprocessSp
     Pillow (missing file, not an image) propagate as OSError.
     """
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im) or im
-        grey = pil_to_grey8(im)
+        grey = pil_to_grey8(ImageOps.exif_transpose(im) or im)
     return grey_to_input(grey, spec)

@@ -657,7 +657,7 @@ def reclaim_dead_leases(
             .group_by(Instance.lease_owner)
         ).all()
         for owner, n in rows:
-            if owner in skip:
+            if owner is None or owner in skip:
                 continue
             parts = owner.split(":")
             if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():

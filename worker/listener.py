@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -51,7 +51,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError
 
@@ -190,7 +191,7 @@ def handle_store(event: evt.Event, intake: Intake) -> Dataset | int:
 
 
 def _store(event: evt.Event, intake: Intake) -> Dataset | int:
-    req = event.request
+    req = cast(C_STORE, event.request)  # EVT_C_STORE carries a C-STORE request
     sop_uid = str(req.AffectedSOPInstanceUID or "")
     sop_class = str(req.AffectedSOPClassUID or "")
     calling = _text(event.assoc.requestor.ae_title)
@@ -386,7 +387,7 @@ def make_ae(settings: Settings) -> AE:
     # recorded reason, rather than vanishing in negotiation.
     uids = list(ACCEPTED_SOP_CLASSES) + [
         cx.abstract_syntax for cx in AllStoragePresentationContexts
-        if cx.abstract_syntax not in ACCEPTED_SOP_CLASSES
+        if cx.abstract_syntax is not None and cx.abstract_syntax not in ACCEPTED_SOP_CLASSES
     ]
     for uid in uids:
         ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
@@ -421,6 +422,7 @@ class NodeServer(ThreadedAssociationServer):
     intake: Intake | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None  # set by the server's constructor
         client_socket, address = self.socket.accept()
         # An accepted socket is blocking with no timeout (Python gives it none, whatever the
         # listening socket has), and pynetdicom reads a whole PDU in one blocking loop: a peer
@@ -455,7 +457,7 @@ def start(settings: Settings, intake: Intake) -> ThreadedAssociationServer:
     """Start the SCP in a background thread; returns the server (``.shutdown()`` stops it)."""
     intake.spool.remove_stale_temp_files()
     ae = make_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [intake]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected, [intake]),

@@ -157,7 +157,7 @@ def run_batch(
         # 2. read the stored object (pixels stay encoded until preprocess)
         t = time.perf_counter()
         try:
-            ds = dcmread(spool.path(job.path))
+            ds: Dataset = dcmread(spool.path(job.path))
         except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
             outcomes[job.id] = Outcome(job.id, State.SKIPPED, f"stored object is not readable DICOM: {exc}")
             continue
@@ -180,8 +180,8 @@ def run_batch(
             continue
         same = _same_version_result(job, ds, previous.get(job.id), card, spool, settings)
         if same is not None:
-            prev, items = same
-            deliveries[job.id] = items
+            prev, kept = same
+            deliveries[job.id] = kept
             reused.add(job.id)
             outcomes[job.id] = Outcome(
                 job.id, State.DONE, predicted_class=prev.predicted_class, probabilities=prev.probabilities,

@@ -791,7 +791,8 @@ def _build_sr_reference(
     _set_common(sr, source, now)
     for item in sr.ContributingEquipmentSequence:  # highdicom stamps its own item with its clock
         if "ContributionDateTime" in item:
-            item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f") + (_tz_offset(now) or "")
+            stamp = now.strftime("%Y%m%d%H%M%S.%f") + (_tz_offset(now) or "")
+            item.ContributionDateTime = stamp  # type: ignore[assignment]  # pydicom accepts the DT string
     return sr
 
 
@@ -885,7 +886,7 @@ def _clone(ds: Dataset) -> Dataset:
     sequences (pydicom.Sequence, copied item by item) and multi-values (deep-copied)."""
     out: dict[BaseTag, DataElement] = {}
     for tag, elem in ds._dict.items():
-        state = elem.__dict__.copy()  # type: ignore[union-attr]
+        state = elem.__dict__.copy()
         value = state["_value"]
         vt = type(value)
         if vt is _SQ:
@@ -1284,7 +1285,8 @@ def build_sr(source: pydicom.Dataset, result: TriageResult, *, now: datetime | N
     elems[_T_CONTENT_TIME] = _el(_T_CONTENT_TIME, "TM", TM(time))
 
     # Evidence (the stand-in's own UID values, as highdicom collects them)
-    study_ref = elems[_T_EVIDENCE].value[0]
+    evidence: Any = elems[_T_EVIDENCE].value  # the template's own items (DataElement values)
+    study_ref = evidence[0]
     study_ref._dict[_T_STUDY_UID] = _el(_T_STUDY_UID, "UI", source["StudyInstanceUID"].value)
     series_ref = study_ref._dict[_T_REF_SERIES_SEQ].value[0]
     series_ref._dict[_T_SERIES_UID] = _el(_T_SERIES_UID, "UI", source["SeriesInstanceUID"].value)
@@ -1292,7 +1294,7 @@ def build_sr(source: pydicom.Dataset, result: TriageResult, *, now: datetime | N
     sop_ref._dict[_T_REF_SOP_INSTANCE] = _el(_T_REF_SOP_INSTANCE, "UI", source["SOPInstanceUID"].value)
 
     # Content: per-class values, then the Image Library and Qualitative Evaluations
-    content = elems[_T_CONTENT_SEQ].value
+    content: Any = elems[_T_CONTENT_SEQ].value
     source_instance = source["SOPInstanceUID"].value
     groups = content[tpl.measurements_at]._dict[_T_CONTENT_SEQ].value
     for slots, group in zip(tpl.groups, groups, strict=True):
@@ -1313,7 +1315,7 @@ def build_sr(source: pydicom.Dataset, result: TriageResult, *, now: datetime | N
 
     _copy_patient_and_study(source, sr)
     _set_common(sr, source, now)
-    equipment = elems[_T_CONTRIBUTING_EQUIPMENT].value
+    equipment: Any = elems[_T_CONTRIBUTING_EQUIPMENT].value
     acquisition = _acquisition_equipment(source, sop_class)
     if acquisition is not None:
         equipment.insert(0, acquisition)

@@ -28,8 +28,9 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -59,7 +60,7 @@ def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None 
     se = settings.send
     base = min(se.backoff_max_seconds, se.backoff_seconds * 2 ** max(attempt - 1, 0))
     r = (rng or random).uniform(-se.jitter, se.jitter)
-    return max(0.0, base * (1.0 + r))
+    return cast(float, max(0.0, base * (1.0 + r)))
 
 
 def _to_folder(
@@ -87,7 +88,7 @@ def _to_peer(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.send.timeout
     for sop_class in sorted({d.sop_class_uid for d in items}):
         ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    datasets = []
+    datasets: list[Dataset | Exception] = []
     for d in items:
         try:
             datasets.append(dcmread(spool.path(d.path)))
@@ -184,6 +185,7 @@ def send_due(
     configured = {d.name: d for d in settings.result_destinations}
     for name, items in by_dest.items():
         dest = configured.get(name)
+        results: list[tuple[int | None, str | None]]
         if dest is None:
             results = [(None, f"destination {name!r} is no longer configured")] * len(items)
         elif dest.type == "folder":

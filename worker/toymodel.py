@@ -28,7 +28,7 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -172,4 +172,4 @@ def toy_reference(card: ModelCard, batch: np.ndarray) -> np.ndarray:
     logits = pooled.reshape(n, -1) @ weights.astype(np.float64) + bias.astype(np.float64)
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return cast(np.ndarray, e / e.sum(axis=1, keepdims=True))

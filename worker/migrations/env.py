@@ -17,7 +17,7 @@ target_metadata = Base.metadata
 def run_migrations_online() -> None:
     connection = context.config.attributes.get("connection")
     if connection is None:  # plain `alembic` CLI use: take the URL from alembic.ini
-        engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+        engine = create_engine(context.config.get_main_option("sqlalchemy.url") or "")
         with engine.begin() as conn:
             context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
             context.run_migrations()

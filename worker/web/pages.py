@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlencode
 
 from pydicom import dcmread
@@ -127,7 +127,7 @@ class Pages:
     def guard(self, handler: Any, api: bool = False) -> Any:
         async def wrapped(request: Request) -> Response:
             if self._authorised(request):
-                return await handler(request)
+                return cast(Response, await handler(request))
             if api:
                 return JSONResponse({"error": "login required"}, status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
@@ -242,9 +242,9 @@ class Pages:
                            secure=self.settings.web.tls_cert is not None, max_age=12 * 3600)
             return rsp
         log.warning("web login failed from %s", request.client.host if request.client else "?")
-        rsp = self._page(request, "login.html", next=nxt, failed=True)
-        rsp.status_code = 401
-        return rsp
+        page = self._page(request, "login.html", next=nxt, failed=True)
+        page.status_code = 401
+        return page
 
     async def logout(self, request: Request) -> Response:
         rsp = RedirectResponse("/login", status_code=303)
