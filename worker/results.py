@@ -145,7 +145,7 @@ import numpy as np
 import pydicom
 from highdicom.sr import CodedConcept, RelationshipTypeValues
 from PIL import Image, ImageDraw, ImageFont
-from pydicom import config
+from pydicom import config, uid
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -1439,13 +1439,21 @@ def _sc_pixels(source: Dataset, result: TriageResult) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8)
 
 
+#: Compressed transfer syntaxes that are lossless (PS3.5 A.4, 8.2): a source sent in one of these
+#: is not lossy by its transfer syntax. (pydicom 3.0's UID has no ``is_lossless``.)
+_LOSSLESS_SYNTAXES = frozenset({
+    uid.RLELossless, uid.JPEGLossless, uid.JPEGLosslessSV1, uid.JPEGLSLossless, uid.JPEG2000Lossless,
+    uid.JPEG2000MCLossless, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.DeflatedExplicitVRLittleEndian,
+})
+
+
 def _is_lossy(source: Dataset) -> bool:
     """PS3.3 C.7.6.1.1.5: once lossy-compressed, always flagged, also in derived images."""
     if _text(source, "LossyImageCompression") == "01":
         return True
     meta = getattr(source, "file_meta", None)
     ts = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
-    return bool(ts) and ts.is_transfer_syntax and ts.is_compressed and not ts.is_lossless
+    return bool(ts) and ts.is_transfer_syntax and ts.is_compressed and ts not in _LOSSLESS_SYNTAXES
 
 
 def build_sc(source: pydicom.Dataset, result: TriageResult, *, now: datetime | None = None) -> pydicom.Dataset:

@@ -502,6 +502,21 @@ def test_sc_of_lossy_source_stays_flagged_lossy() -> None:
     assert build_sc(source_image(), make_result()).LossyImageCompression == "00"
 
 
+@pytest.mark.parametrize(
+    ("syntax", "lossy"),
+    [(pydicom.uid.JPEGBaseline8Bit, True), (pydicom.uid.JPEG2000, True), (pydicom.uid.JPEGLSNearLossless, True),
+     (pydicom.uid.JPEGLosslessSV1, False), (pydicom.uid.JPEG2000Lossless, False), (pydicom.uid.RLELossless, False),
+     (ExplicitVRLittleEndian, False)],
+)
+def test_lossy_by_transfer_syntax_alone(syntax: str, lossy: bool) -> None:
+    """A source without LossyImageCompression is lossy when its transfer syntax is (PS3.3
+    C.7.6.1.1.5); this raised AttributeError for every compressed syntax before (found by mypy)."""
+    src = source_image()
+    src.file_meta.TransferSyntaxUID = syntax
+    assert "LossyImageCompression" not in src
+    assert results._is_lossy(src) is lossy
+
+
 # --------------------------------------------------------------------------- privacy
 
 
