@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import support  # noqa: E402
 
 from worker import results  # noqa: E402
+from worker.results import sr_reference  # noqa: E402
 
 NOW = datetime(2026, 11, 26, 14, 30, 5, 123456, tzinfo=timezone(timedelta(hours=1)))
 
@@ -91,14 +92,14 @@ def main() -> None:
     src, result = _source(), _result()
     first = _timed(lambda: results.build_sr(src, result, now=NOW))
     same = _encoded(results.build_sr(src, result, now=NOW)) == _encoded(
-        results._build_sr_reference(src, result, now=NOW)
+        sr_reference._build_sr_reference(src, result, now=NOW)
     )
     fast: list[tuple[float, float]] = []
     ref: list[tuple[float, float]] = []
     for i in range(args.rounds):
         fast.append(_timed(lambda: results.build_sr(src, result, now=NOW)))
         if i % args.ref_every == 0:
-            ref.append(_timed(lambda: results._build_sr_reference(src, result, now=NOW)))
+            ref.append(_timed(lambda: sr_reference._build_sr_reference(src, result, now=NOW)))
 
     rng = np.random.default_rng(1)
     big = _source(rng.integers(0, 4096, (3000, 2500)).astype(np.uint16))

@@ -103,7 +103,7 @@ def _view_code_meaning(ds: pydicom.Dataset) -> str:
     return str(seq[0].get("CodeMeaning", "") or "").strip().lower()
 
 
-#: Written into every result object (worker/results.py); kept here to avoid importing highdicom.
+#: Written into every result object (worker/results/); kept here to avoid importing highdicom.
 OWN_SERIES_DESCRIPTION = "AI triage - not for diagnosis"
 OWN_MANUFACTURER = "cxr-triage"
 

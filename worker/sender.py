@@ -15,7 +15,7 @@ as delivered. The association proposes only the presentation contexts the object
 HL7 (worker/hl7.py) and FHIR (worker/fhir.py) messages are files in the spool too, built with
 the SR; they go through the same rows, leases, backoff and ``send_failed`` as C-STORE.
 
-Result UIDs are deterministic (worker/results.py), so sending the same object twice replaces it
+Result UIDs are deterministic (worker/results/common.py), so sending the same object twice replaces it
 in PACS rather than duplicating it.
 """
 

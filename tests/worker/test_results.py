@@ -28,7 +28,6 @@ import support
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from worker import results
 from worker.results import (
     LOCAL_SCHEME,
     SC_MAX_SIDE,
@@ -41,6 +40,8 @@ from worker.results import (
     build_sr,
     finding_code,
     result_uids,
+    sc,
+    sr_reference,
 )
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -514,7 +515,7 @@ def test_lossy_by_transfer_syntax_alone(syntax: str, lossy: bool) -> None:
     src = source_image()
     src.file_meta.TransferSyntaxUID = syntax
     assert "LossyImageCompression" not in src
-    assert results._is_lossy(src) is lossy
+    assert sc._is_lossy(src) is lossy
 
 
 # --------------------------------------------------------------------------- privacy
@@ -614,7 +615,7 @@ def _encoded(ds: Dataset) -> bytes:
 
 def assert_same_as_reference(src: Dataset, result: TriageResult, now: datetime | None = NOW) -> Dataset:
     fast = build_sr(src, result, now=now)
-    ref = results._build_sr_reference(src, result, now=now)
+    ref = sr_reference._build_sr_reference(src, result, now=now)
     diffs = _dataset_differences(fast, ref) + _dataset_differences(fast.file_meta, ref.file_meta, "file_meta.")
     assert diffs == []
     assert fast.preamble == ref.preamble
@@ -747,7 +748,7 @@ def test_fast_sr_templates_are_not_changed_by_callers() -> None:
 def test_fast_sr_is_thread_safe() -> None:
     sources = [source_image() for _ in range(4)]
     results_ = [make_result(p, version=f"9.{i}") for i, p in enumerate(("normal", "pneumonia", "covid19", "covid19"))]
-    expected = [_encoded(results._build_sr_reference(s, r, now=NOW)) for s, r in zip(sources, results_, strict=True)]
+    expected = [_encoded(sr_reference._build_sr_reference(s, r, now=NOW)) for s, r in zip(sources, results_, strict=True)]
     got: list[list[bytes]] = [[] for _ in sources]
 
     def work(i: int) -> None:
@@ -775,7 +776,7 @@ def test_fast_sr_refuses_what_the_reference_refuses(kind: str) -> None:
         for kw in ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation"):
             del src[kw]
     with pytest.raises(ValueError) as ref_exc:
-        results._build_sr_reference(src, make_result(), now=NOW)
+        sr_reference._build_sr_reference(src, make_result(), now=NOW)
     with pytest.raises(ValueError) as fast_exc:
         build_sr(src, make_result(), now=NOW)
     assert str(fast_exc.value) == str(ref_exc.value)
