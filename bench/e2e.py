@@ -46,8 +46,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 from pydicom.uid import JPEG2000Lossless  # noqa: E402
+from sqlalchemy import select  # noqa: E402
 
-from worker import imaging, jobs  # noqa: E402
+from worker import imaging, store  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 
 
@@ -120,11 +121,11 @@ def claim_latency(tmp: Path, rounds: int = 60) -> dict[int, float]:
     """
     dbs = {}
     for n in (1000, 5000, 10000):
-        db = jobs.Database.open(f"sqlite:///{tmp / f'claim{n}.db'}")
-        now = jobs.utcnow()
+        db = store.Database.open(f"sqlite:///{tmp / f'claim{n}.db'}")
+        now = store.utcnow()
         with db.sessions.begin() as s:
             s.execute(
-                jobs.Instance.__table__.insert(),
+                store.Instance.__table__.insert(),
                 [dict(sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
                       transfer_syntax="1.2.840.10008.1.2.1", path=f"x/{i}.dcm", size_bytes=1, sha256="0" * 64,
                       receive_count=1, state="queued", attempts=0, received_at=now,
@@ -140,9 +141,9 @@ def claim_latency(tmp: Path, rounds: int = 60) -> dict[int, float]:
     for _ in range(rounds):
         for n, db in dbs.items():
             t0 = time.perf_counter()
-            got = jobs.claim_batch(db, 16, "bench", 60)
+            got = store.claim_batch(db, 16, "bench", 60)
             times[n].append((time.perf_counter() - t0) * 1e3)
-            jobs.release(db, "bench", [c.id for c in got])
+            store.release(db, "bench", [c.id for c in got])
     for db in dbs.values():
         db.close()
     return {n: round(statistics.median(v), 3) for n, v in times.items()}
@@ -188,10 +189,10 @@ ENV_FAST = {"CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0", "CXR_TRIAGE_BATCH_POLL_SE
 
 def _results(data_dir: Path, start: float) -> dict[str, Any]:
     """Throughput, latency and stage medians of a finished run, from its database and audit trail."""
-    db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+    db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
     with db.sessions() as s:
-        rows = list(s.scalars(jobs.select(jobs.Instance)))
-        sends = list(s.scalars(jobs.select(jobs.Delivery)))
+        rows = list(s.scalars(select(store.Instance)))
+        sends = list(s.scalars(select(store.Delivery)))
     db.close()
     assert all(r.state == "done" for r in rows), [(r.state, r.reason) for r in rows if r.state != "done"]
     assert len(sends) == len(rows) and all(d.state == "sent" for d in sends), [d.state for d in sends]
@@ -241,8 +242,8 @@ def continuous(model: Path, files: list[Path], tmp: Path, dest: str) -> dict[str
         t0 = time.time()
         send_all(files, port)
         intake = time.time() - t0
-        db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
-        ok = wait(lambda: jobs.delivery_counts(db).get("sent", 0) >= len(files), 900, 0.1)
+        db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+        ok = wait(lambda: store.delivery_counts(db).get("sent", 0) >= len(files), 900, 0.1)
         db.close()
         assert ok, "not all results were sent"
         peak = round(rss_kib(node.pid, "VmHWM") / 1024, 1)
@@ -263,8 +264,8 @@ def fill_backlog(model: Path, files: list[Path], tmp: Path, dest: str) -> Path:
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(60)
-    db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
-    assert jobs.counts(db) == {"queued": len(files)}
+    db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+    assert store.counts(db) == {"queued": len(files)}
     db.close()
     return data_dir
 
@@ -304,8 +305,8 @@ def idle_latency(model: Path, files: list[Path], tmp: Path, dest: str, gap: floa
         for f in files:
             send_all([f], port)
             time.sleep(gap)
-        db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
-        ok = wait(lambda: jobs.delivery_counts(db).get("sent", 0) >= len(files), 120, 0.1)
+        db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+        ok = wait(lambda: store.delivery_counts(db).get("sent", 0) >= len(files), 120, 0.1)
         db.close()
         assert ok, "not all results were sent"
     finally:

@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from support import make_image  # noqa: E402
 
-from worker import jobs  # noqa: E402
+from worker import store  # noqa: E402
 
 ROWS, COLS = 2500, 2000  # portrait 35x43 cm cassette, ~0.17 mm pixels
 SCU_AET = "BENCHSCU"
@@ -157,9 +157,9 @@ def run_node(files: list[Path], workdir: Path, max_pdu: int, fsync: bool) -> tup
         seconds = send(files, port, NODE_AET, max_pdu, workdir / "storescu.log")
     finally:
         stop(proc)
-    db = jobs.Database.open(f"sqlite:///{(data / 'triage.db').resolve()}", upgrade=False)
+    db = store.Database.open(f"sqlite:///{(data / 'triage.db').resolve()}", upgrade=False)
     try:
-        counts = jobs.counts(db)
+        counts = store.counts(db)
     finally:
         db.close()
     stored = len(list((data / "spool").glob("*/*.dcm")))
@@ -222,7 +222,7 @@ def run_pipeline(data: Path, n: int, tmp: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         report = pipeline.drain(db, spool, engine, settings, pipeline.worker_id())
         seconds = time.perf_counter() - t0
-        counts = jobs.counts(db)
+        counts = store.counts(db)
     finally:
         db.close()
     if counts != {"done": n}:

@@ -22,9 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select
-
-from worker import jobs
+from worker import store
 from worker.commandline import CommandError, check_class, open_existing, parse_when
 from worker.maintenance import cmd_model, cmd_purge, cmd_rescreen, purge_line
 from worker.modelcard import ModelCardError
@@ -82,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("query", help="list screened and waiting images from the triage database")
     _common(p)
-    p.add_argument("--state", action="append", choices=[s.value for s in jobs.State], help="repeatable")
+    p.add_argument("--state", action="append", choices=[s.value for s in store.State], help="repeatable")
     p.add_argument("--class", dest="predicted_class", metavar="NAME", help="predicted class")
     p.add_argument("--priority", choices=["urgent", "high", "routine"])
     p.add_argument("--min-probability", type=float, metavar="P", help="probability of the predicted class >= P")
@@ -248,7 +246,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         db.close()
 
 
-def _query_rows(args: argparse.Namespace, db: jobs.Database) -> list[dict[str, Any]]:
+def _query_rows(args: argparse.Namespace, db: store.Database) -> list[dict[str, Any]]:
     from worker import worklist
 
     since = parse_when(args.since, "--since") if args.since else None
@@ -309,7 +307,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     else:
         for r in rows:  # why a result is not delivered yet, or never will be (also in --format json: deliveries)
             errors = [
-                d["last_error"] for d in r["deliveries"] if d["state"] != jobs.SendState.SENT.value and d["last_error"]
+                d["last_error"] for d in r["deliveries"] if d["state"] != store.SendState.SENT.value and d["last_error"]
             ]
             r["send_error"] = "; ".join(dict.fromkeys(errors)) or None
         _print_table(
@@ -324,26 +322,25 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     db = open_existing(settings)
     try:
-        counts = jobs.counts(db)
-        oldest = jobs.oldest_waiting(db)
-        sends = jobs.delivery_counts(db)
-        by_priority = jobs.priority_counts(db)
-        with db.sessions() as s:
-            refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind.not_in(["duplicate", "ignored"]))) or 0
-            ignored = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind == "ignored")) or 0
+        counts = store.counts(db)
+        oldest = store.oldest_waiting(db)
+        sends = store.delivery_counts(db)
+        by_priority = store.priority_counts(db)
+        refused = store.intake_event_count(db, not_kinds=["duplicate", "ignored"])
+        ignored = store.intake_event_count(db, kinds=["ignored"])
     finally:
         db.close()
     out: dict[str, Any] = {
-        "counts": {st.value: counts.get(st.value, 0) for st in jobs.State},
+        "counts": {st.value: counts.get(st.value, 0) for st in store.State},
         "total": sum(counts.values()),
         "intake_refusals": refused,
         "priorities": {p: by_priority.get(p, 0) for p in PRIORITIES},
         "intake_ignored": ignored,
-        "deliveries": {st.value: sends.get(st.value, 0) for st in jobs.SendState},
+        "deliveries": {st.value: sends.get(st.value, 0) for st in store.SendState},
         "oldest_waiting": None,
     }
     if oldest is not None:
-        age = (jobs.utcnow() - oldest.received_at).total_seconds()
+        age = (store.utcnow() - oldest.received_at).total_seconds()
         out["oldest_waiting"] = {"sop_instance_uid": oldest.sop_instance_uid, "age_seconds": round(age, 1)}
     if args.format == "json":
         print(json.dumps(out, indent=2))
@@ -368,15 +365,14 @@ def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
     db = open_existing(settings)
     try:
         if args.to:
-            with db.sessions() as s:
-                recorded = set(s.scalars(select(jobs.Delivery.destination).distinct()))
+            recorded = store.recorded_destinations(db)
             configured = [d.name for d in settings.result_destinations]
             if args.to not in recorded and args.to not in configured:
                 known = configured + sorted(recorded - set(configured))
                 raise CommandError(
                     f"--to {args.to!r} is not a destination (destinations: {', '.join(known) or 'none'})"
                 )
-        n = jobs.resend(db, sop_instance_uid=args.sop, destination=args.to)
+        n = store.resend(db, sop_instance_uid=args.sop, destination=args.to)
         print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again")
         if args.now and n:
             from worker import sender
@@ -415,7 +411,7 @@ def cmd_hash_password(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     if settings.storage.database_url is None:
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    jobs.Database.open(settings.storage.url).close()
+    store.Database.open(settings.storage.url).close()
     print("database schema is current")
     return 0
 

@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from worker import jobs
+from worker import store
 from worker.settings import Destination, Settings, SettingsError
 
 __all__ = ["Sample", "find_samples", "read_samples", "run"]
@@ -38,7 +36,7 @@ __all__ = ["Sample", "find_samples", "read_samples", "run"]
 MARKER = ".cxr-triage-demo"
 #: The folder the samples ship in, in a source checkout.
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
-FINAL = {jobs.State.DONE.value, jobs.State.SKIPPED.value, jobs.State.FAILED.value}
+FINAL = {store.State.DONE.value, store.State.SKIPPED.value, store.State.FAILED.value}
 
 
 @dataclass(frozen=True)
@@ -170,13 +168,12 @@ def _send_pynetdicom(files: list[Path], host: str, port: int, ae_title: str) -> 
     return 1 if failed else 0
 
 
-def _snapshot(db: jobs.Database, uids: list[str]) -> dict[str, dict[str, Any]]:
+def _snapshot(db: store.Database, uids: list[str]) -> dict[str, dict[str, Any]]:
     """Per sample: the instance row (``as_dict``, as ``query`` prints it) with its deliveries."""
-    with db.sessions() as s:
-        found = list(s.scalars(select(jobs.Instance).where(jobs.Instance.sop_instance_uid.in_(uids))))
-        rows = {r.sop_instance_uid: r.as_dict() for r in found}
-        ids = {r.id: r.sop_instance_uid for r in found}
-    deliveries = jobs.deliveries_of(db, list(ids))
+    found = store.instances_by_uid(db, uids)
+    rows = {r.sop_instance_uid: r.as_dict() for r in found}
+    ids = {r.id: r.sop_instance_uid for r in found}
+    deliveries = store.deliveries_of(db, list(ids))
     for i, uid in ids.items():
         rows[uid]["_deliveries"] = deliveries.get(i, [])
     return rows
@@ -186,7 +183,7 @@ def _finished(row: dict[str, Any] | None) -> bool:
     if row is None or row["state"] not in FINAL:
         return False
     pending = [
-        d for d in row["_deliveries"] if d["state"] not in (jobs.SendState.SENT.value, jobs.SendState.FAILED.value)
+        d for d in row["_deliveries"] if d["state"] not in (store.SendState.SENT.value, store.SendState.FAILED.value)
     ]
     return not pending
 
@@ -316,7 +313,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
         if rc != 0:
             _say(f"the DICOM client reported a failure (exit {rc}); waiting for what was accepted")
-        db = jobs.Database.open(dataclasses.replace(settings.storage, data_dir=data_dir).url, upgrade=False)
+        db = store.Database.open(dataclasses.replace(settings.storage, data_dir=data_dir).url, upgrade=False)
         try:
             uids = [s.sop_instance_uid for s in samples]
             last = ""

@@ -57,7 +57,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError
 
 from worker import audit as audit_log
-from worker import jobs, tls
+from worker import store, tls
 from worker.settings import Settings
 from worker.spool import Spool, SpoolError, uid_problem
 
@@ -110,7 +110,7 @@ _HEADER_TAGS = [
 class Intake:
     """Everything the C-STORE handler needs, bound to it explicitly."""
 
-    db: jobs.Database
+    db: store.Database
     spool: Spool
     settings: Settings
     audit: audit_log.AuditLog = audit_log.NULL
@@ -186,7 +186,7 @@ def handle_store(event: evt.Event, intake: Intake) -> Dataset | int:
     except Exception as exc:  # never raise into pynetdicom
         log.exception("unexpected error while storing an object")
         reason = f"internal error while storing: {type(exc).__name__}"
-        jobs.record_event(intake.db, "refused", reason, status=STATUS_OUT_OF_RESOURCES)
+        store.record_event(intake.db, "refused", reason, status=STATUS_OUT_OF_RESOURCES)
         return _status(STATUS_OUT_OF_RESOURCES, reason)
 
 
@@ -201,7 +201,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         log.warning("refused C-STORE from %s (status 0x%04X): %s", calling, code, reason)
         intake.audit.record("object_refused", calling_ae=calling, peer=peer, status=f"0x{code:04X}", reason=reason,
                             sop_instance_uid=sop_uid if not uid_problem(sop_uid) else None)
-        jobs.record_event(
+        store.record_event(
             intake.db, "refused", reason, status=code, calling_ae=calling, peer=peer,
             sop_instance_uid=sop_uid, sop_class_uid=sop_class,
         )
@@ -216,7 +216,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
             log.info("ignored C-STORE of SOP class %s from %s (not stored)", sop_class, calling)
             intake.audit.record("object_ignored", calling_ae=calling, peer=peer, sop_class_uid=sop_class,
                                 sop_instance_uid=sop_uid if not uid_problem(sop_uid) else None)
-            jobs.record_event(intake.db, "ignored", reason, status=STATUS_SUCCESS, calling_ae=calling, peer=peer,
+            store.record_event(intake.db, "ignored", reason, status=STATUS_SUCCESS, calling_ae=calling, peer=peer,
                               sop_instance_uid=sop_uid, sop_class_uid=sop_class)
             return STATUS_SUCCESS
         return refuse(STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not accepted by this node")
@@ -251,7 +251,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
 
     # Hash while the lookup and the durable write run (see _Sha256InBackground).
     sha256 = _Sha256InBackground(data)
-    existing = jobs.find(intake.db, sop_uid)
+    existing = store.find(intake.db, sop_uid)
     if existing is not None:
         digest = sha256.hexdigest()
         if digest != existing.sha256:
@@ -261,7 +261,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
             clash = _identity_clash(intake.spool, existing, header)
             if clash:
                 return refuse(STATUS_CANNOT_UNDERSTAND, f"SOP Instance UID is already stored for another {clash}")
-        same = jobs.record_resend(intake.db, sop_uid, digest, calling, peer)
+        same = store.record_resend(intake.db, sop_uid, digest, calling, peer)
         intake.audit.record("object_resent", sop_instance_uid=sop_uid, calling_ae=calling, peer=peer, identical=same)
         log.info("re-send of stored instance %s acknowledged, not queued again", sop_uid)
         return STATUS_SUCCESS
@@ -273,7 +273,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         return refuse(STATUS_OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
     digest = sha256.hexdigest()
 
-    item = jobs.Received(
+    item = store.Received(
         sop_instance_uid=sop_uid,
         sop_class_uid=sop_class,
         study_instance_uid=_text(header.get("StudyInstanceUID")),
@@ -289,10 +289,10 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         sha256=digest,
     )
     try:
-        jobs.enqueue(intake.db, item)
+        store.enqueue(intake.db, item)
     except IntegrityError:
         # Another association stored the same instance a moment ago: a re-send.
-        jobs.record_resend(intake.db, sop_uid, digest, calling, peer)
+        store.record_resend(intake.db, sop_uid, digest, calling, peer)
         return STATUS_SUCCESS
     except Exception as exc:
         # The file may stay in the spool, but the peer gets a failure and will send again.
@@ -304,7 +304,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
     return STATUS_SUCCESS
 
 
-def _identity_clash(spool: Spool, existing: jobs.Instance, header: Dataset) -> str | None:
+def _identity_clash(spool: Spool, existing: store.Instance, header: Dataset) -> str | None:
     """"study" or "patient" when ``header`` names another study or patient than the stored
     object with the same SOP Instance UID; None when they agree or the stored one is unreadable."""
     study = _text(header.get("StudyInstanceUID"))
@@ -340,7 +340,7 @@ def handle_rejected(event: evt.Event, intake: Intake) -> None:
         log.warning("rejected association from %s: %s", event.assoc.requestor.address, reason)
         intake.audit.record("association_rejected", calling_ae=calling, called_ae=called,
                             peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}", reason=reason)
-        jobs.record_event(
+        store.record_event(
             intake.db, "association_rejected", reason, calling_ae=calling,
             peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
         )
@@ -449,7 +449,7 @@ class NodeServer(ThreadedAssociationServer):
         log.warning("refused connection: %s", reason)
         if self.intake is not None:
             self.intake.audit.record("association_rejected", peer=f"{host}", reason=reason)
-            jobs.record_event(self.intake.db, "association_rejected", reason, peer=str(host))
+            store.record_event(self.intake.db, "association_rejected", reason, peer=str(host))
         return False
 
 

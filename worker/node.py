@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker import audit as audit_log
-from worker import jobs, listener
+from worker import listener, store
 from worker.settings import Settings, SettingsError
 from worker.spool import Spool
 
@@ -49,7 +49,7 @@ def sd_notify(message: str) -> bool:
         return False
 
 
-def open_storage(settings: Settings) -> tuple[jobs.Database, Spool]:
+def open_storage(settings: Settings) -> tuple[store.Database, Spool]:
     """Create the data folder, open (and migrate) the database, open the spool."""
     st = settings.storage
     if st.database_url is None:
@@ -59,7 +59,7 @@ def open_storage(settings: Settings) -> tuple[jobs.Database, Spool]:
             st.data_dir.chmod(0o700)
         except OSError:
             log.warning("could not make %s private (0700)", st.data_dir)
-    db = jobs.Database.open(st.url)
+    db = store.Database.open(st.url)
     if st.database_url is None:  # our SQLite files: private to the service user, whatever the umask
         for suffix in ("", "-wal", "-shm"):
             f = st.data_dir / f"triage.db{suffix}"
@@ -100,7 +100,7 @@ class Node:
 
     settings: Settings
     batch: bool = True
-    db: jobs.Database | None = None
+    db: store.Database | None = None
     spool: Spool | None = None
     engine: Engine | None = None
     server: Any = None

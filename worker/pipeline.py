@@ -33,12 +33,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from worker import audit as audit_log
-from worker import filters, imaging, jobs, results, sender
+from worker import filters, imaging, results, sender, store
 from worker.engine import Engine
-from worker.jobs import Outcome, State
 from worker.priority import PriorityMap
 from worker.settings import Destination, Settings
 from worker.spool import Spool, SpoolError
+from worker.store import Outcome, State
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def reclaim_dead_leases(db: jobs.Database, audit: audit_log.AuditLog = audit_log.NULL) -> int:
+def reclaim_dead_leases(db: store.Database, audit: audit_log.AuditLog = audit_log.NULL) -> int:
     """At start: take back at once the jobs leased by an earlier process of this host that is
     gone (crash, SIGKILL), instead of after ``batch.lease_seconds``; returns how many."""
-    found = jobs.reclaim_dead_leases(db, socket.gethostname(), _pid_alive, exclude=_OWN_OWNERS)
+    found = store.reclaim_dead_leases(db, socket.gethostname(), _pid_alive, exclude=_OWN_OWNERS)
     for owner, n in found.items():
         log.info("took back %d job(s) leased by %s, a process of this host that is gone", n, owner)
         audit.record("leases_reclaimed", owner=owner, jobs=n)
@@ -108,7 +108,7 @@ class BatchReport:
 
 
 def run_batch(
-    db: jobs.Database,
+    db: store.Database,
     spool: Spool,
     engine: Engine,
     settings: Settings,
@@ -139,17 +139,17 @@ def run_batch(
 
     # 1. claim
     t = time.perf_counter()
-    claimed = jobs.claim_batch(db, settings.batch.size, owner, settings.batch.lease_seconds)
+    claimed = store.claim_batch(db, settings.batch.size, owner, settings.batch.lease_seconds)
     stage["claim"] += time.perf_counter() - t
     if not claimed:
         return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=stage)
 
     outcomes: dict[int, Outcome] = {}
-    ready: list[tuple[jobs.Claimed, Dataset, np.ndarray, dict[str, float]]] = []
+    ready: list[tuple[store.Claimed, Dataset, np.ndarray, dict[str, float]]] = []
     # re-screened jobs (cxr-triage rescreen) whose result by this very model version is still in
     # the spool: that object is sent again as it is (same UIDs, same bytes), not rebuilt
-    previous = jobs.previous_results(db, [job.id for job in claimed])
-    deliveries: dict[int, list[jobs.NewDelivery]] = {}
+    previous = store.previous_results(db, [job.id for job in claimed])
+    deliveries: dict[int, list[store.NewDelivery]] = {}
     reused: set[int] = set()
     for job in claimed:
         timing: dict[str, float] = {}
@@ -244,12 +244,12 @@ def run_batch(
             objects = [("sr", results.build_sr(ds, result))]
             if settings.send.secondary_capture:
                 objects.append(("sc", results.build_sc(ds, result)))
-            items: list[jobs.NewDelivery] = []
+            items: list[store.NewDelivery] = []
             for kind, obj in objects:
                 rel = Spool.result_relpath_for(str(obj.SOPInstanceUID))
                 spool.write(rel, _encode(obj))
                 items += [
-                    jobs.NewDelivery(d.name, kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), rel)
+                    store.NewDelivery(d.name, kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), rel)
                     for d in destinations if not d.message_based
                 ]
             items += _messages(ds, result, objects[0][1], [d for d in destinations if d.message_based], spool)
@@ -271,7 +271,7 @@ def run_batch(
 
     # 7. store results, deliveries and states in one commit
     t = time.perf_counter()
-    applied = jobs.finish(
+    applied = store.finish(
         db,
         owner,
         outcomes.values(),
@@ -323,13 +323,13 @@ def run_batch(
 
 def _messages(
     source: Dataset, result: results.TriageResult, sr: Dataset, destinations: list[Destination], spool: Spool
-) -> list[jobs.NewDelivery]:
+) -> list[store.NewDelivery]:
     """One message per HL7 / FHIR destination, written to the spool beside the SR it reports.
 
     The delivery row names the SR's UID (deterministic, so a re-screen replaces the message) and
     the message file; the sender transmits the file as it is, so every retry sends the same bytes.
     """
-    out: list[jobs.NewDelivery] = []
+    out: list[store.NewDelivery] = []
     sr_uid = str(sr.SOPInstanceUID)
     for d in destinations:
         rel = _message_relpath(sr_uid, d)
@@ -342,7 +342,7 @@ def _messages(
 
             data = fhir.build_bundle(source, result, sr_uid)
         spool.write(rel, data)
-        out.append(jobs.NewDelivery(d.name, d.type, str(sr.SOPClassUID), sr_uid, rel))
+        out.append(store.NewDelivery(d.name, d.type, str(sr.SOPClassUID), sr_uid, rel))
     return out
 
 
@@ -354,8 +354,8 @@ def _message_relpath(sr_uid: str, dest: Destination) -> str:
 
 
 def _same_version_result(
-    job: jobs.Claimed, ds: Dataset, prev: jobs.PreviousResult | None, card: object, spool: Spool, settings: Settings
-) -> tuple[jobs.PreviousResult, list[jobs.NewDelivery]] | None:
+    job: store.Claimed, ds: Dataset, prev: store.PreviousResult | None, card: object, spool: Spool, settings: Settings
+) -> tuple[store.PreviousResult, list[store.NewDelivery]] | None:
     """The deliveries that re-send this job's stored result objects unchanged, when its previous
     result came from the model screening now (name and version) and every object this node sends
     (SR, and SC when enabled) is still in the spool; else None (screen and build anew).
@@ -373,7 +373,7 @@ def _same_version_result(
     kinds = [("sr", str(uids.sr_instance))]
     if settings.send.secondary_capture:
         kinds.append(("sc", str(uids.sc_instance)))
-    items: list[jobs.NewDelivery] = []
+    items: list[store.NewDelivery] = []
     for kind, uid in kinds:
         rel = Spool.result_relpath_for(uid)
         try:
@@ -382,14 +382,14 @@ def _same_version_result(
             return None  # gone (purged) or unreadable: build anew
         if str(stored.get("SOPInstanceUID", "")) != uid:
             return None
-        items += [jobs.NewDelivery(d.name, kind, str(stored.SOPClassUID), uid, rel)
+        items += [store.NewDelivery(d.name, kind, str(stored.SOPClassUID), uid, rel)
                   for d in settings.result_destinations if not d.message_based]
         if kind == "sr":
             for d in (d for d in settings.result_destinations if d.message_based):
                 msg = _message_relpath(uid, d)
                 if not spool.path(msg).is_file():
                     return None  # the HL7 / FHIR message was not kept: build anew
-                items.append(jobs.NewDelivery(d.name, d.type, str(stored.SOPClassUID), uid, msg))
+                items.append(store.NewDelivery(d.name, d.type, str(stored.SOPClassUID), uid, msg))
     return prev, items
 
 
@@ -421,7 +421,7 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def drain(
-    db: jobs.Database,
+    db: store.Database,
     spool: Spool,
     engine: Engine,
     settings: Settings,

@@ -35,7 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from worker import audit as audit_log
-from worker import jobs, tls
+from worker import store, tls
 from worker.settings import Destination, Settings
 from worker.spool import Spool, SpoolError
 
@@ -64,7 +64,7 @@ def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None 
 
 
 def _to_folder(
-    dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim]
+    dest: Destination, spool: Spool, items: Sequence[store.DeliveryClaim]
 ) -> list[tuple[int | None, str | None]]:
     """Copy each object durably to ``<path>/<sop_instance_uid>.dcm`` (atomic, fsync'd)."""
     assert dest.path is not None
@@ -81,7 +81,7 @@ def _to_folder(
 
 
 def _to_peer(
-    dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim], settings: Settings
+    dest: Destination, spool: Spool, items: Sequence[store.DeliveryClaim], settings: Settings
 ) -> list[tuple[int | None, str | None]]:
     """C-STORE each object over one association; (status, error) per object."""
     ae = AE(ae_title=dest.calling_ae_title or settings.listener.ae_title)
@@ -142,7 +142,7 @@ def _to_peer(
 
 
 def _to_service(
-    dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim], settings: Settings
+    dest: Destination, spool: Spool, items: Sequence[store.DeliveryClaim], settings: Settings
 ) -> list[tuple[int | None, str | None]]:
     """Send the spooled HL7 or FHIR messages: one MLLP connection, or one HTTP POST each."""
     payloads: list[bytes | Exception] = []
@@ -165,7 +165,7 @@ def _to_service(
 
 
 def send_due(
-    db: jobs.Database,
+    db: store.Database,
     spool: Spool,
     settings: Settings,
     *,
@@ -176,10 +176,10 @@ def send_due(
     """Send every due delivery (or only the given ids); mark each sent, retrying or send_failed."""
     t0 = time.perf_counter()
     report = SendReport()
-    claims = jobs.claim_deliveries(db, limit, settings.send.lease_seconds, only=only)
+    claims = store.claim_deliveries(db, limit, settings.send.lease_seconds, only=only)
     if not claims:
         return report
-    by_dest: dict[str, list[jobs.DeliveryClaim]] = defaultdict(list)
+    by_dest: dict[str, list[store.DeliveryClaim]] = defaultdict(list)
     for c in claims:
         by_dest[c.destination].append(c)
     configured = {d.name: d for d in settings.result_destinations}
@@ -196,12 +196,12 @@ def send_due(
             results = _to_peer(dest, spool, items, settings)
         for claim, (status, error) in zip(items, results, strict=True):
             if error is None:
-                jobs.mark_sent(db, claim.id, status)
+                store.mark_sent(db, claim.id, status)
                 audit.record("result_sent", sop_instance_uid=claim.sop_instance_uid, destination=name,
                              status=f"0x{status:04X}" if status is not None else None, attempt=claim.attempts)
                 report.sent += 1
                 continue
-            state = jobs.mark_retry(
+            state = store.mark_retry(
                 db, claim.id, status=status, error=error,
                 delay_seconds=backoff_seconds(claim.attempts, settings),
                 max_attempts=settings.send.max_attempts,
@@ -209,8 +209,8 @@ def send_due(
             report.errors.append(error)
             audit.record("result_send_failed", sop_instance_uid=claim.sop_instance_uid, destination=name,
                          status=f"0x{status:04X}" if status is not None else None, attempt=claim.attempts,
-                         final=state == jobs.SendState.FAILED.value, error=error)
-            if state == jobs.SendState.FAILED.value:
+                         final=state == store.SendState.FAILED.value, error=error)
+            if state == store.SendState.FAILED.value:
                 report.failed += 1
                 log.error("delivery of %s to %s failed for good: %s", claim.sop_instance_uid, name, error)
             else:
@@ -222,7 +222,7 @@ def send_due(
 
 
 def send_until_idle(
-    db: jobs.Database,
+    db: store.Database,
     spool: Spool,
     settings: Settings,
     *,
@@ -257,7 +257,7 @@ class BackgroundSender:
     """
 
     def __init__(
-        self, db: jobs.Database, spool: Spool, settings: Settings, *, audit: audit_log.AuditLog = audit_log.NULL
+        self, db: store.Database, spool: Spool, settings: Settings, *, audit: audit_log.AuditLog = audit_log.NULL
     ) -> None:
         self.db, self.spool, self.settings, self.audit = db, spool, settings, audit
         self.total = SendReport()

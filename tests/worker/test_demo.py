@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from support import free_port
 
-from worker import cli, demo, imaging, jobs
+from worker import cli, demo, imaging, store
 from worker.engine import Engine
 from worker.modelcard import ModelCard, default_model_dir, triage
 
@@ -27,12 +27,12 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 def _rows(data_dir: Path) -> dict[str, dict]:
-    db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+    db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
     try:
         with db.sessions() as s:
-            instances = list(s.query(jobs.Instance))
+            instances = list(s.query(store.Instance))
             rows = {r.sop_instance_uid: r.as_dict() for r in instances}
-        deliveries = jobs.deliveries_of(db, [r.id for r in instances])
+        deliveries = store.deliveries_of(db, [r.id for r in instances])
         for r in instances:
             rows[r.sop_instance_uid]["deliveries"] = deliveries.get(r.id, [])
     finally:

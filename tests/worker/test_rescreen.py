@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from support import make_image, receive, run_cli
 
-from worker import jobs
+from worker import store
 
 
 def _rows(data: Path) -> list[dict]:
@@ -90,9 +90,9 @@ def test_rescreen_filters_and_purged_images(node_data) -> None:  # type: ignore[
     r = run_cli("rescreen", "--since", "2999-01-01", "--data-dir", str(data))
     assert r.stdout.strip() == "queued 0 job(s) again for screening"
 
-    db = jobs.Database.open(f"sqlite:///{data / 'triage.db'}")
+    db = store.Database.open(f"sqlite:///{data / 'triage.db'}")
     try:
-        row = jobs.find(db, uids[0])
+        row = store.find(db, uids[0])
     finally:
         db.close()
     (data / "spool" / row.path).unlink()  # as purge does once the results are delivered

@@ -24,7 +24,7 @@ from pydicom import dcmread  # noqa: E402
 from support import free_port, make_image, send  # noqa: E402
 from test_security import pki  # noqa: E402,F401  (the test CA and certificates, a fixture)
 
-from worker import cli, jobs, pipeline  # noqa: E402
+from worker import cli, pipeline, store  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 from worker.modelcard import ModelCard, default_model_dir  # noqa: E402
 from worker.node import Node  # noqa: E402
@@ -275,7 +275,7 @@ def test_browser_table_refreshes_without_reload(screened, browser) -> None:  # t
     assert _until(lambda: len(_rows(browser)) == before + 1, timeout=15)
     assert browser.execute_script("return window.__marker;") == 42
     with node.db.sessions.begin() as s:  # leave the module's node as it was for the other tests
-        s.query(jobs.Instance).filter(jobs.Instance.sop_instance_uid == new.SOPInstanceUID).delete()
+        s.query(store.Instance).filter(store.Instance.sop_instance_uid == new.SOPInstanceUID).delete()
 
 
 @needs_browser

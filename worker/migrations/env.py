@@ -1,6 +1,6 @@
 """Alembic environment for the triage database.
 
-Run programmatically by ``worker.jobs.migrate`` (on every start and by ``cxr-triage migrate``),
+Run programmatically by ``worker.store.migrate`` (on every start and by ``cxr-triage migrate``),
 which passes an open connection in ``config.attributes["connection"]``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from worker.jobs import Base
+from worker.store import Base
 
 target_metadata = Base.metadata
 

@@ -217,7 +217,7 @@ class TriageResult:
 
     @classmethod
     def from_job(cls, job: Any, card: Any) -> TriageResult:
-        """From a finished :class:`worker.jobs.Instance` row and the
+        """From a finished :class:`worker.store.Instance` row and the
         :class:`worker.modelcard.ModelCard` that produced it (probabilities in card class order)."""
         stored = dict(job.probabilities or {})
         order = [c for c in card.classes if c in stored] + [c for c in stored if c not in card.classes]

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from worker import jobs
+from worker import store
 from worker.modelcard import ModelCard
 from worker.settings import Settings
 from worker.spool import Spool
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class WebServer:
     """uvicorn in a daemon thread; :meth:`stop` ends it."""
 
-    def __init__(self, settings: Settings, db: jobs.Database, spool: Spool, card: ModelCard | None) -> None:
+    def __init__(self, settings: Settings, db: store.Database, spool: Spool, card: ModelCard | None) -> None:
         import uvicorn
 
         from worker.web.pages import Pages

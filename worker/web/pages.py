@@ -17,14 +17,13 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlencode
 
 from pydicom import dcmread
-from sqlalchemy import func, select
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from worker import jobs, worklist
+from worker import store, worklist
 from worker.modelcard import ModelCard
 from worker.priority import PRIORITIES, PriorityMap
 from worker.settings import Settings
@@ -101,7 +100,7 @@ def _age(seconds: float) -> str:
 class Pages:
     """The state behind the routes: settings, database, spool, model card, login gate."""
 
-    def __init__(self, settings: Settings, db: jobs.Database, spool: Spool, card: ModelCard | None) -> None:
+    def __init__(self, settings: Settings, db: store.Database, spool: Spool, card: ModelCard | None) -> None:
         self.settings, self.db, self.spool, self.card = settings, db, spool, card
         self.pmap = (PriorityMap.build(card, settings.triage.priorities, settings.triage.thresholds)
                      if card is not None else None)
@@ -139,7 +138,7 @@ class Pages:
 
     def _filters(self, request: Request, default_states: tuple[str, ...] = ()) -> worklist.Filters:
         q = request.query_params
-        states = [s for s in q.getlist("state") if s in {st.value for st in jobs.State}]
+        states = [s for s in q.getlist("state") if s in {st.value for st in store.State}]
         limit = q.get("limit", "1000")
         return worklist.Filters(
             states=tuple(states) or default_states,
@@ -152,10 +151,8 @@ class Pages:
     def _display(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows for the table: what the page shows beside the API's fields."""
         uids = [r["sop_instance_uid"] for r in rows]
-        with self.db.sessions() as s:
-            paths = dict(s.execute(select(jobs.Instance.sop_instance_uid, jobs.Instance.path)
-                                   .where(jobs.Instance.sop_instance_uid.in_(uids))).all()) if uids else {}
-        now = jobs.utcnow()
+        paths = store.instance_paths(self.db, uids)
+        now = store.utcnow()
         out = []
         for r in rows:
             received = dt.datetime.fromisoformat(r["received_at"].replace("Z", "+00:00"))
@@ -177,7 +174,7 @@ class Pages:
         f = self._filters(request, WAITING)
         rows = self._display(worklist.rows(self.db, f, order="worklist"))
         return self._page(request, "worklist.html", rows=rows, q=request.query_params,
-                          counts=jobs.priority_counts(self.db), refresh=self.settings.web.refresh_seconds,
+                          counts=store.priority_counts(self.db), refresh=self.settings.web.refresh_seconds,
                           show_names=self.settings.web.show_patient_names)
 
     async def rows_fragment(self, request: Request) -> Response:
@@ -213,19 +210,17 @@ class Pages:
                           split=metrics.get("split"), n=metrics.get("n"))
 
     async def queue_page(self, request: Request) -> Response:
-        counts = jobs.counts(self.db)
-        waiting, oldest = jobs.queued_summary(self.db)
-        with self.db.sessions() as s:
-            per_dest = s.execute(select(jobs.Delivery.destination, jobs.Delivery.state, func.count())
-                                 .group_by(jobs.Delivery.destination, jobs.Delivery.state)).all()
-            refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind != "duplicate")) or 0
+        counts = store.counts(self.db)
+        waiting, oldest = store.queued_summary(self.db)
+        per_dest = store.delivery_counts_by_destination(self.db)
+        refused = store.intake_event_count(self.db, not_kinds=["duplicate"])
         dests: dict[str, dict[str, int]] = {}
         for name, state, n in per_dest:
-            dests.setdefault(name, {st.value: 0 for st in jobs.SendState})[state] = n
-        by_priority = jobs.priority_counts(self.db)
-        return self._page(request, "queue.html", counts={st.value: counts.get(st.value, 0) for st in jobs.State},
+            dests.setdefault(name, {st.value: 0 for st in store.SendState})[state] = n
+        by_priority = store.priority_counts(self.db)
+        return self._page(request, "queue.html", counts={st.value: counts.get(st.value, 0) for st in store.State},
                           by_priority={p: by_priority.get(p, 0) for p in PRIORITIES}, dests=dests,
-                          waiting=waiting, oldest=_age((jobs.utcnow() - oldest).total_seconds()) if oldest else None,
+                          waiting=waiting, oldest=_age((store.utcnow() - oldest).total_seconds()) if oldest else None,
                           refused=refused)
 
     async def login_form(self, request: Request) -> Response:
