@@ -217,6 +217,25 @@ def test_unreadable_stored_file_fails_after_retries(screening, model_settings: S
     assert row.attempts == model_settings.batch.max_attempts
 
 
+def test_a_model_that_returns_too_few_rows_fails_the_batch_leaving_nothing_running(  # type: ignore[no-untyped-def]
+    screening, model_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are zipped to the jobs with strict=True: a short result (a broken model or
+    runtime) is an inference failure of every job, not jobs left ``running`` until the lease ends."""
+    node, _ = screening
+    dss = [make_image(rows=64, cols=64, seed=i) for i in range(3)]
+    assert send(dss, node.port) == [0] * 3
+    engine = Engine(model_settings.model.path)
+    real = engine.probabilities
+    monkeypatch.setattr(engine, "probabilities", lambda batch: real(batch)[:-1])
+    report = pipeline.run_batch(node.db, node.spool, engine, model_settings, "w")
+    assert (report.claimed, report.done, report.failed) == (3, 0, 3)
+    for ds in dss:
+        row = store.find(node.db, ds.SOPInstanceUID)
+        assert row.state == "queued" and row.lease_owner is None  # back in the queue, an attempt spent
+        assert row.attempts == 1 and "inference failed: ValueError: zip() argument 2 is shorter" in row.reason
+
+
 def test_real_chest_dicom_files(screening, shared_dir: Path) -> None:  # type: ignore[no-untyped-def]
     node, run = screening
     files = sorted((shared_dir / "data" / "dicom").glob("*.dcm"))
