@@ -131,7 +131,7 @@ def claim_latency(tmp: Path, rounds: int = 60) -> dict[int, float]:
                       receive_count=1, state="queued", attempts=0, received_at=now,
                       last_received_at=now) for i in range(n)],
             )
-        raw = db.engine.raw_connection()  # outside a transaction: a checkpoint cannot run inside one
+        raw = db.sql_engine.raw_connection()  # outside a transaction: a checkpoint cannot run inside one
         try:
             raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:

@@ -37,11 +37,11 @@ def open_existing(settings: Settings) -> store.Database:
         where = make_url(st.database_url).render_as_string(hide_password=True)
     db = store.Database.open(st.url, upgrade=False)
     try:
-        revision = store.current_revision(db.engine)
+        revision = store.current_revision(db.sql_engine)
         if revision is None:
             raise CommandError(f"{where} is not a cxr-triage database (no schema); {hint}")
         if revision != store.HEAD_REVISION:
-            store.migrate(db.engine)
+            store.migrate(db.sql_engine)
     except SQLAlchemyError as exc:
         db.close()
         orig = getattr(exc, "orig", None)

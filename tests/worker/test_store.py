@@ -143,7 +143,7 @@ def test_migration_is_idempotent(tmp_path: Path) -> None:
     db = store.Database.open(url)
     from sqlalchemy import text
 
-    with db.engine.connect() as c:
+    with db.sql_engine.connect() as c:
         assert c.execute(text("select version_num from alembic_version")).scalar() == "0002"
         assert c.execute(text("pragma journal_mode")).scalar() == "wal"
         assert c.execute(text("pragma synchronous")).scalar() == 2  # FULL

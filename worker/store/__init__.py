@@ -27,7 +27,7 @@ here (``from worker import store``; ``store.enqueue(db, ...)``).
 
 from __future__ import annotations
 
-from worker.store.db import HEAD_REVISION, Database, current_revision, make_engine, migrate
+from worker.store.db import HEAD_REVISION, Database, current_revision, make_sql_engine, migrate
 from worker.store.deliveries import (
     DeliveryClaim,
     claim_deliveries,
@@ -114,7 +114,7 @@ __all__ = [
     "find",
     "finish",
     "iso",
-    "make_engine",
+    "make_sql_engine",
     "mark_retry",
     "mark_sent",
     "migrate",

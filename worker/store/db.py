@@ -10,17 +10,14 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from sqlalchemy import (
-    Engine,
-    create_engine,
-    event,
-)
+from sqlalchemy import Engine as SQLEngine
+from sqlalchemy import create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 # --------------------------------------------------------------------------- engine
 
 
-def make_engine(url: str) -> Engine:
+def make_sql_engine(url: str) -> SQLEngine:
     """Create the SQLAlchemy engine with the pragmas durability needs.
 
     SQLite: WAL (readers never block the writer), ``synchronous=FULL`` (a commit is on disk
@@ -53,7 +50,7 @@ def make_engine(url: str) -> Engine:
 HEAD_REVISION = "0002"
 
 
-def current_revision(engine: Engine) -> str | None:
+def current_revision(engine: SQLEngine) -> str | None:
     """The schema revision recorded in ``alembic_version``; None for a new or foreign database."""
     from sqlalchemy import inspect, text
 
@@ -63,7 +60,7 @@ def current_revision(engine: Engine) -> str | None:
         return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
-def migrate(engine: Engine) -> None:
+def migrate(engine: SQLEngine) -> None:
     """Bring the schema to the newest Alembic revision (run on every start).
 
     A current schema is recognised with one query and Alembic is not even imported (it and its
@@ -83,17 +80,18 @@ def migrate(engine: Engine) -> None:
 
 @dataclass
 class Database:
-    """The engine plus a session factory, opened once per process."""
+    """The SQLAlchemy engine plus a session factory, opened once per process. (``SQLEngine`` and
+    ``sql_engine``: the worker's ``Engine`` is the OpenVINO one, worker/engine.py.)"""
 
-    engine: Engine
+    sql_engine: SQLEngine
     sessions: sessionmaker[Session]
 
     @classmethod
     def open(cls, url: str, *, upgrade: bool = True) -> Database:
-        engine = make_engine(url)
+        engine = make_sql_engine(url)
         if upgrade:
             migrate(engine)
         return cls(engine, sessionmaker(engine, expire_on_commit=False))
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.sql_engine.dispose()
