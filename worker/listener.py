@@ -30,6 +30,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, cast
@@ -416,10 +417,22 @@ class NodeServer(ThreadedAssociationServer):
       closed before any DICOM is spoken, and recorded.
     * ``get_request``: the TLS handshake runs in the association's own thread (on first read),
       not in the accept loop, so a slow or silent TLS client cannot stall every other sender.
+
+    Made by ``AE.make_server(..., server_class=NodeServer, allowed_networks=..., intake=...)``:
+    pynetdicom passes the extra keyword arguments to this constructor.
     """
 
-    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    intake: Intake | None = None
+    def __init__(
+        self,
+        *args: Any,
+        allowed_networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        intake: Intake | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # set before the base constructor: it binds and listens, and may verify requests at once
+        self.allowed_networks = list(allowed_networks)
+        self.intake = intake
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None  # set by the server's constructor
@@ -469,17 +482,23 @@ def start(settings: Settings, intake: Intake) -> ThreadedAssociationServer:
     if li.tls_cert is not None and li.tls_key is not None:
         ssl_context = tls.server_context(li.tls_cert, li.tls_key, li.tls_ca, li.tls_require_client_cert)
 
-    server_class = type(
-        "ConfiguredNodeServer",
-        (NodeServer,),
-        {"allowed_networks": [ipaddress.ip_network(p, strict=False) for p in li.allowed_peers], "intake": intake},
-    )
     server = ae.make_server(
-        (li.bind_address, li.port), ssl_context=ssl_context, evt_handlers=handlers, server_class=server_class
+        (li.bind_address, li.port), ssl_context=ssl_context, evt_handlers=handlers, server_class=NodeServer,
+        allowed_networks=[ipaddress.ip_network(p, strict=False) for p in li.allowed_peers], intake=intake,
     )
+    _register(ae, server)
     thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
     thread.start()
-    ae._servers.append(server)  # so that ae.shutdown() also stops it, as with ae.start_server
     log.info("listening as %s on %s:%d%s", li.ae_title, li.bind_address, server.server_address[1],
              " (TLS)" if ssl_context else "")
     return server
+
+
+
+def _register(ae: AE, server: ThreadedAssociationServer) -> None:
+    """The one use of pynetdicom internals: ``AssociationServer.shutdown()`` removes the server
+    from ``ae._servers`` (ValueError when it is not there), and only ``AE.start_server`` adds it,
+    which cannot take our server class (it hard-codes ``ThreadedAssociationServer``). So a server
+    made with the public ``AE.make_server`` is added here, as ``start_server`` would (pynetdicom
+    3.0, ``ae.py`` ``start_server`` and ``transport.py`` ``AssociationServer.shutdown``)."""
+    ae._servers.append(server)
