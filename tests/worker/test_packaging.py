@@ -9,7 +9,7 @@ from importlib import resources
 from support import REPO
 
 WORKER_MODULES = [
-    "worker.cli", "worker.settings", "worker.listener", "worker.spool", "worker.jobs", "worker.imaging",
+    "worker.cli", "worker.settings", "worker.listener", "worker.spool", "worker.store", "worker.imaging", "worker.validation",
     "worker.filters", "worker.modelcard", "worker.engine", "worker.pipeline", "worker.scheduler", "worker.node",
     "worker.toymodel", "worker.results", "worker.sender", "worker.demo", "worker.priority", "worker.hl7",
     "worker.fhir", "worker.worklist", "worker.web", "worker.web.pages", "worker.web.auth", "worker.preflight", "worker.logs",
