@@ -66,7 +66,7 @@ def test_migrations_are_package_data() -> None:
 
 
 def test_no_module_named_after_the_standard_library() -> None:
-    names = {p.stem for p in (REPO / "worker").glob("*.py")}
+    names = {p.stem for p in (REPO / "worker").rglob("*.py")}
     assert not names & set(sys.stdlib_module_names)
 
 

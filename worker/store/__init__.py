@@ -19,7 +19,7 @@ LOCKED`` on PostgreSQL so that several workers share a queue without taking the 
 Refused C-STOREs and re-sends are rows of ``intake_events``, so every failure has a reason a
 person can read, even when the object never reached the spool.
 
-The package: ``schema`` (tables and states), ``db`` (engine, sessions, migrations), ``queue``
+The package: ``schema`` (tables and states), ``db`` (engine, sessions, migrations), ``jobs``
 (intake and the pipeline's claims), ``deliveries`` (the sender's leases), ``queries`` (read-only
 counts and rows). Every SQL statement of the worker is in one of them; the names are re-exported
 here (``from worker import store``; ``store.enqueue(db, ...)``).
@@ -36,6 +36,24 @@ from worker.store.deliveries import (
     mark_retry,
     mark_sent,
     resend,
+)
+from worker.store.jobs import (
+    Claimed,
+    NewDelivery,
+    Outcome,
+    PreviousResult,
+    Received,
+    RescreenFilter,
+    claim_batch,
+    enqueue,
+    find,
+    finish,
+    previous_results,
+    reclaim_dead_leases,
+    record_event,
+    record_resend,
+    release,
+    rescreen,
 )
 from worker.store.queries import (
     Filters,
@@ -54,24 +72,6 @@ from worker.store.queries import (
     queued_summary,
     recorded_classes,
     recorded_destinations,
-)
-from worker.store.queue import (
-    Claimed,
-    NewDelivery,
-    Outcome,
-    PreviousResult,
-    Received,
-    RescreenFilter,
-    claim_batch,
-    enqueue,
-    find,
-    finish,
-    previous_results,
-    reclaim_dead_leases,
-    record_event,
-    record_resend,
-    release,
-    rescreen,
 )
 from worker.store.schema import Base, Delivery, Instance, IntakeEvent, SendState, State, UTCDateTime, iso, utcnow
 
