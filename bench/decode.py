@@ -39,8 +39,6 @@ import pydicom  # noqa: E402
 from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 from worker import imaging  # noqa: E402
 
@@ -72,7 +70,7 @@ def load_before(rev: str) -> ModuleType:
 
 
 def make_files(tmp: Path) -> dict[str, Path]:
-    from support import make_image
+    from worker.testing.dicom import make_image
 
     rng = np.random.default_rng(0)
     yy = np.linspace(0, 1, ROWS, dtype=np.float32)[:, None]

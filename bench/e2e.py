@@ -41,8 +41,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 from pydicom.uid import JPEG2000Lossless  # noqa: E402
@@ -78,7 +76,7 @@ def model_limit(model: Path, seconds: float = 4.0) -> dict[str, Any]:
 
 
 def make_study(i: int, kind: str, out_dir: Path) -> Path:
-    from support import make_image
+    from worker.testing.dicom import make_image
 
     rng = np.random.default_rng(i)
     yy = np.linspace(0, 1, 2000, dtype=np.float32)[:, None]
@@ -232,7 +230,7 @@ def _start_node(
 
 def continuous(model: Path, files: list[Path], tmp: Path, dest: str) -> dict[str, Any]:
     """Send everything to a running node (fast polling) and wait for the last SR."""
-    from support import free_port
+    from worker.testing.scu import free_port
 
     data_dir, port = tmp / "var-continuous", free_port()
     node = _start_node(model, data_dir, port, dest, {**os.environ, **ENV_FAST})
@@ -255,7 +253,7 @@ def continuous(model: Path, files: list[Path], tmp: Path, dest: str) -> dict[str
 
 def fill_backlog(model: Path, files: list[Path], tmp: Path, dest: str) -> Path:
     """A data folder with every study queued (listener only), to be drained by copies of it."""
-    from support import free_port
+    from worker.testing.scu import free_port
 
     data_dir, port = tmp / "var-backlog", free_port()
     node = _start_node(model, data_dir, port, dest, {**os.environ, **ENV_FAST}, "--no-batch")
@@ -293,7 +291,7 @@ def drain(model: Path, backlog: Path, tmp: Path, dest: str, workers: int, batch_
 
 def idle_latency(model: Path, files: list[Path], tmp: Path, dest: str, gap: float = 1.5) -> dict[str, Any]:
     """One study at a time into an idle node on its DEFAULT schedule settings (poll, gather)."""
-    from support import free_port
+    from worker.testing.scu import free_port
 
     data_dir, port = tmp / "var-idle", free_port()
     env = {**os.environ, "CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0", "CXR_TRIAGE_LOG_LEVEL": "WARNING"}
@@ -369,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"needs {tool} (see README: dcmtk, orthanc)", file=sys.stderr)
             return 2
-    from orthanc import Orthanc
+    from worker.testing.orthanc import Orthanc
 
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

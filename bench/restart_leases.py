@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from support import echo, free_port, make_image, send  # noqa: E402
 
 from worker import store  # noqa: E402
+from worker.testing.dicom import make_image  # noqa: E402
+from worker.testing.scu import echo, free_port, send  # noqa: E402
 
 
 def _start(data: Path, port: int, model: str | None) -> subprocess.Popen[bytes]:

@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
@@ -93,7 +91,7 @@ def run(mode: str, engine: Engine, n: int, port: int, delay: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from support import free_port
+    from worker.testing.scu import free_port
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=48)

@@ -5,18 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import SHARED, free_port, wait_for  # noqa: F401  (wait_for: re-exported for old imports)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from support import SHARED, free_port, wait_for  # noqa: E402,F401  (wait_for: re-exported for old imports)
-
-from worker.settings import Settings, load_settings  # noqa: E402
+from worker.settings import Settings, load_settings
 
 
 @pytest.fixture
@@ -34,7 +30,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def toy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny OpenVINO IR + card (built with the opset API, no torch) at 224 px."""
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     return build_toy_model(tmp_path_factory.mktemp("toy") / "model", thresholds={"covid19": 0.5, "pneumonia": 0.5})
 
@@ -155,7 +151,7 @@ def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A real Orthanc on free loopback ports; stopped (by pid) after the test."""
     if shutil.which("Orthanc") is None:
         pytest.skip("Orthanc is not installed (apt-get install orthanc)")
-    from orthanc import Orthanc
+    from worker.testing.orthanc import Orthanc
 
     o = Orthanc(tmp_path / "orthanc")
     yield o

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import echo, free_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from support import echo, free_port  # noqa: E402
-
-from worker import pipeline, store  # noqa: E402
-from worker.settings import Settings, load_settings  # noqa: E402
+from worker import pipeline, store
+from worker.settings import Settings, load_settings
 
 #: Settings of the corpus node: short timeouts so a silent or truncated peer is dropped within
 #: seconds, a small object limit and a small decode limit so the limits are exercised cheaply.

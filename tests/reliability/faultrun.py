@@ -37,15 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent
-REPO = TESTS.parent
-for p in (str(TESTS), str(REPO)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from worker.testing.dicom import make_image
+from worker.testing.orthanc import Orthanc
+from worker.testing.scu import free_port
 
-from orthanc import Orthanc  # noqa: E402
-from support import free_port, make_image  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 AET = "CXRTRIAGE"
 
@@ -227,7 +223,7 @@ def run(
 ) -> Counts:
     """The whole fault run; returns the counts (``Counts.ok()`` is the verdict)."""
     from worker.results import result_uids
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     t0 = time.monotonic()
     rng = random.Random(seed)

@@ -224,9 +224,8 @@ def _events(node: Node) -> list[dict]:
 
 @pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc is not installed")
 def test_pacs_down_bounded_retries_then_send_failed_then_resend(tmp_path: Path, toy_model: Path) -> None:
-    from orthanc import Orthanc
-
     from worker.results import result_uids
+    from worker.testing.orthanc import Orthanc
 
     pacs = Orthanc(tmp_path / "orthanc")  # ports chosen, not started: "down"
     dest = f"ORTHANC@127.0.0.1:{pacs.dicom_port}"

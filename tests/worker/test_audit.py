@@ -75,7 +75,7 @@ def test_full_run_logs_no_patient_identity_and_audits_everything(tmp_path: Path,
 
 
 def test_config_and_model_changes_are_audited(tmp_path: Path, toy_model: Path) -> None:
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     other = build_toy_model(tmp_path / "other", version="0.0.2", seed=5)
     port = free_port()

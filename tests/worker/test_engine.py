@@ -13,7 +13,7 @@ import pytest
 
 from worker.engine import Engine, softmax
 from worker.modelcard import ModelCard, ModelCardError, write_card
-from worker.toymodel import build_toy_model, toy_reference
+from worker.testing.toymodel import build_toy_model, toy_reference
 
 CLASSES = ("normal", "pneumonia", "covid19")
 

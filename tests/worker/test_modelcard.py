@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from worker.modelcard import DEFAULT_TRIAGE_RULE, ModelCard, ModelCardError, Triage, triage, write_card
-from worker.toymodel import build_toy_model
+from worker.testing.toymodel import build_toy_model
 
 MISSING = "--model DIR must hold model.json, model.xml and model.bin"
 

@@ -54,7 +54,7 @@ def test_same_model_version_resends_identical_objects(node_data, toy_model: Path
 
 
 def test_new_model_version_makes_new_objects_beside_the_old(node_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     data, uids = node_data
     results = data / "results"
