@@ -20,17 +20,12 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import delete, exists, func, select
-
 from worker import audit as audit_log
 from worker import store
 from worker.settings import Settings
 from worker.spool import Spool
 
 log = logging.getLogger(__name__)
-
-FINISHED = (store.State.DONE.value, store.State.SKIPPED.value, store.State.FAILED.value)
-
 
 @dataclass
 class PurgeReport:
@@ -45,13 +40,6 @@ class PurgeReport:
     events: int = 0
     cutoff: dt.datetime | None = None
     rows_cutoff: dt.datetime | None = None
-
-
-def _eligible(cutoff: dt.datetime):  # type: ignore[no-untyped-def]
-    """Finished before ``cutoff``, and no delivery that is not sent."""
-    Inst, D = store.Instance, store.Delivery
-    unsent = exists().where(D.instance_id == Inst.id, D.state != store.SendState.SENT.value)
-    return (Inst.state.in_(FINISHED)) & (Inst.finished_at < cutoff) & ~unsent
 
 
 def _unlink(spool: Spool, relpath: str, dry_run: bool) -> int | None:
@@ -89,23 +77,13 @@ def purge(
     report = PurgeReport(dry_run=dry_run)
     if days > 0:
         report.cutoff = now - dt.timedelta(days=days)
-        with db.sessions() as s:
-            rows = s.execute(
-                select(store.Instance.id, store.Instance.sop_instance_uid, store.Instance.path)
-                .where(_eligible(report.cutoff)).order_by(store.Instance.id)
-            ).all()
-            results: dict[int, list[str]] = {}
-            if rows:
-                for d in s.execute(select(store.Delivery.instance_id, store.Delivery.path)
-                                   .where(store.Delivery.instance_id.in_([r.id for r in rows]))):
-                    results.setdefault(d.instance_id, []).append(d.path)
-        for r in rows:
+        for r in store.purgeable(db, report.cutoff):
             files, size = 0, 0
             got = _unlink(spool, r.path, dry_run)
             if got is not None:
                 report.images += 1
                 files, size = files + 1, size + got
-            for rel in dict.fromkeys(results.get(r.id, [])):  # one object, several destinations
+            for rel in dict.fromkeys(r.result_paths):  # one object, several destinations
                 got = _unlink(spool, rel, dry_run)
                 if got is not None:
                     report.results += 1
@@ -117,18 +95,10 @@ def purge(
                     audit.record("object_purged", sop_instance_uid=r.sop_instance_uid, files=files, bytes=size)
     if row_days > 0:
         report.rows_cutoff = now - dt.timedelta(days=row_days)
-        with db.sessions.begin() as s:
-            ids = list(s.scalars(select(store.Instance.id).where(_eligible(report.rows_cutoff))))
-            report.rows = len(ids)
-            report.events = int(s.scalar(select(func.count()).where(store.IntakeEvent.at < report.rows_cutoff)) or 0)
-            if not dry_run:
-                for rel in s.scalars(select(store.Instance.path).where(store.Instance.id.in_(ids))):
-                    _unlink(spool, rel, False)  # normally gone already (rows outlive images)
-                for rel in s.scalars(select(store.Delivery.path).where(store.Delivery.instance_id.in_(ids))):
-                    _unlink(spool, rel, False)
-                s.execute(delete(store.Delivery).where(store.Delivery.instance_id.in_(ids)))
-                s.execute(delete(store.Instance).where(store.Instance.id.in_(ids)))
-                s.execute(delete(store.IntakeEvent).where(store.IntakeEvent.at < report.rows_cutoff))
+        # files of pruned rows are normally gone already (rows outlive images)
+        report.rows, report.events = store.prune_rows(
+            db, report.rows_cutoff, dry_run=dry_run, unlink=lambda rel: _unlink(spool, rel, False)
+        )
         if not dry_run and (report.rows or report.events):
             audit.record("rows_pruned", instances=report.rows, intake_events=report.events,
                          before=store.iso(report.rows_cutoff))

@@ -56,8 +56,10 @@ from worker.store.jobs import (
     rescreen,
 )
 from worker.store.queries import (
+    FINISHED,
     Filters,
     MetricCounts,
+    Purgeable,
     counts,
     delivery_counts_by_destination,
     instance_paths,
@@ -69,6 +71,8 @@ from worker.store.queries import (
     oldest_waiting,
     ping,
     priority_counts,
+    prune_rows,
+    purgeable,
     queued_summary,
     recorded_classes,
     recorded_destinations,
@@ -76,6 +80,10 @@ from worker.store.queries import (
 from worker.store.schema import Base, Delivery, Instance, IntakeEvent, SendState, State, UTCDateTime, iso, utcnow
 
 __all__ = [
+    "FINISHED",
+    "Purgeable",
+    "purgeable",
+    "prune_rows",
     "Filters",
     "instances",
     "intake_events",

@@ -5,15 +5,15 @@ job, and the rows other modules show (no SQL outside the store).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import ColumnElement, case, delete, exists, func, select
 
 from worker.priority import PRIORITIES
 from worker.store.db import Database
-from worker.store.schema import Delivery, Instance, IntakeEvent, State, utcnow
+from worker.store.schema import Delivery, Instance, IntakeEvent, SendState, State, utcnow
 
 # --------------------------------------------------------------------------- queries
 
@@ -204,3 +204,60 @@ def ping(db: Database) -> None:
     """One round trip to the database; raises what the driver raises when it is not reachable."""
     with db.sessions() as s:
         s.execute(select(1))
+
+
+# --------------------------------------------------------------------------- retention (cxr-triage purge)
+
+#: The states a job ends in.
+FINISHED = (State.DONE.value, State.SKIPPED.value, State.FAILED.value)
+
+
+def _purge_eligible(cutoff: dt.datetime) -> ColumnElement[bool]:
+    """Finished before ``cutoff``, and no delivery that is not sent."""
+    unsent = exists().where(Delivery.instance_id == Instance.id, Delivery.state != SendState.SENT.value)
+    return (Instance.state.in_(FINISHED)) & (Instance.finished_at < cutoff) & ~unsent
+
+
+@dataclass(frozen=True)
+class Purgeable:
+    """A job finished and delivered before the cutoff: its spooled image and its result objects."""
+
+    id: int
+    sop_instance_uid: str
+    path: str
+    result_paths: list[str]
+
+
+def purgeable(db: Database, cutoff: dt.datetime) -> list[Purgeable]:
+    """The jobs whose files ``cxr-triage purge`` deletes, in id order (one read session)."""
+    with db.sessions() as s:
+        rows = s.execute(
+            select(Instance.id, Instance.sop_instance_uid, Instance.path)
+            .where(_purge_eligible(cutoff)).order_by(Instance.id)
+        ).all()
+        results: dict[int, list[str]] = {}
+        if rows:
+            for d in s.execute(select(Delivery.instance_id, Delivery.path)
+                               .where(Delivery.instance_id.in_([r.id for r in rows]))):
+                results.setdefault(d.instance_id, []).append(d.path)
+    return [Purgeable(r.id, r.sop_instance_uid, r.path, results.get(r.id, [])) for r in rows]
+
+
+def prune_rows(
+    db: Database, cutoff: dt.datetime, *, dry_run: bool, unlink: Callable[[str], object]
+) -> tuple[int, int]:
+    """Delete the rows of jobs finished and delivered before ``cutoff`` (with their deliveries) and
+    the intake events before it, in one transaction; ``unlink`` is called on each of their spool
+    paths first. Returns (jobs, intake events) deleted, or that would be with ``dry_run``."""
+    with db.sessions.begin() as s:
+        ids = list(s.scalars(select(Instance.id).where(_purge_eligible(cutoff))))
+        events = int(s.scalar(select(func.count()).where(IntakeEvent.at < cutoff)) or 0)
+        if not dry_run:
+            for rel in s.scalars(select(Instance.path).where(Instance.id.in_(ids))):
+                unlink(rel)
+            for rel in s.scalars(select(Delivery.path).where(Delivery.instance_id.in_(ids))):
+                unlink(rel)
+            s.execute(delete(Delivery).where(Delivery.instance_id.in_(ids)))
+            s.execute(delete(Instance).where(Instance.id.in_(ids)))
+            s.execute(delete(IntakeEvent).where(IntakeEvent.at < cutoff))
+    return len(ids), events
