@@ -39,20 +39,26 @@ import pydicom  # noqa: E402
 from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 from worker import imaging  # noqa: E402
 
 ROWS, COLS = 2000, 2500
 #: Issue 18's targets for decode + preprocess on one core, ms.
-TARGETS = {"uncompressed": 8.0, "jpeg-lossless-sv1": 50.0, "jpeg-ls-lossless": 50.0, "jpeg2000-lossless": 70.0, "rle": None}
+TARGETS = {
+    "uncompressed": 8.0,
+    "jpeg-lossless-sv1": 50.0,
+    "jpeg-ls-lossless": 50.0,
+    "jpeg2000-lossless": 70.0,
+    "rle": None,
+}
 BEFORE_REV = "105ed99"
 
 
 def load_before(rev: str) -> ModuleType:
     """``worker/imaging.py`` at ``rev`` as module ``imaging_before`` (it imports nothing of ours)."""
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:worker/imaging.py"], check=True, capture_output=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:worker/imaging.py"], check=True, capture_output=True
+    ).stdout
     path = Path(tempfile.mkdtemp()) / "imaging_before.py"
     path.write_bytes(src)
     spec = importlib.util.spec_from_file_location("imaging_before", path)
@@ -64,7 +70,7 @@ def load_before(rev: str) -> ModuleType:
 
 
 def make_files(tmp: Path) -> dict[str, Path]:
-    from support import make_image
+    from worker.testing.dicom import make_image
 
     rng = np.random.default_rng(0)
     yy = np.linspace(0, 1, ROWS, dtype=np.float32)[:, None]
@@ -160,10 +166,12 @@ def candidates(files: dict[str, Path], rounds: int) -> list[dict[str, Any]]:
         decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         reference, _ = decoder.as_array(ds, index=0)
-        runs: dict[str, Any] = {f"pydicom/{p}": (lambda p=p: decoder.as_array(ds, index=0, decoding_plugin=p)[0])
-                                for p in decoder.available_plugins}
+        runs: dict[str, Any] = {
+            f"pydicom/{p}": (lambda p=p, decoder=decoder, ds=ds: decoder.as_array(ds, index=0, decoding_plugin=p)[0])
+            for p in decoder.available_plugins
+        }
         for fn in direct.get(kind, ()) if imagecodecs is not None else ():
-            runs[f"imagecodecs.{fn}"] = lambda fn=fn: getattr(imagecodecs, fn)(frame)
+            runs[f"imagecodecs.{fn}"] = lambda fn=fn, frame=frame: getattr(imagecodecs, fn)(frame)
         for name, run in runs.items():
             load0 = os.getloadavg()[0]
             try:
@@ -184,7 +192,16 @@ def candidates(files: dict[str, Path], rounds: int) -> list[dict[str, Any]]:
 
 def _versions() -> dict[str, str]:
     out = {}
-    for pkg in ("pydicom", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "pyjpegls", "imagecodecs", "pillow", "numpy"):
+    for pkg in (
+        "pydicom",
+        "pylibjpeg-libjpeg",
+        "pylibjpeg-openjpeg",
+        "pylibjpeg-rle",
+        "pyjpegls",
+        "imagecodecs",
+        "pillow",
+        "numpy",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -206,14 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench(files, before, args.rounds)
         cands = candidates(files, max(3, args.rounds // 2)) if args.candidates else []
     print(f"decode + preprocess, {ROWS} x {COLS} 12-bit, one core, median of {args.rounds} (before = {args.before})")
-    head = f"{'transfer syntax':20} {'before':>8} {'after':>8} {'x':>6} {'target':>7} {'met':>4}  {'load 1-min':>11}  decoder (after)"
+    head = (f"{'transfer syntax':20} {'before':>8} {'after':>8} {'x':>6} {'target':>7} {'met':>4}  {'load 1-min':>11}"
+            "  decoder (after)")
     print(head)
     for r in rows:
         tgt = "-" if r["target_ms"] is None else f"{r['target_ms']:.0f}"
         met = "-" if r["met"] is None else ("yes" if r["met"] else "no")
         load = f"{r['loadavg_before'][0]:.2f}/{r['loadavg_after'][0]:.2f}"
-        print(f"{r['transfer_syntax']:20} {r['before_ms']:8.1f} {r['after_ms']:8.1f} {r['speedup']:6.2f} {tgt:>7} {met:>4}  {load:>11}  {r['decoder_after']}"
-              + ("" if r["same_model_input"] else "  (model input differs!)"))
+        print(
+            f"{r['transfer_syntax']:20} {r['before_ms']:8.1f} {r['after_ms']:8.1f} {r['speedup']:6.2f}"
+            f" {tgt:>7} {met:>4}  {load:>11}  {r['decoder_after']}"
+            + ("" if r["same_model_input"] else "  (model input differs!)")
+        )
     if cands:
         print("\ndecode only, every installed decoder (median / min ms, bit-exact vs pydicom's default)")
         for c in cands:

@@ -41,13 +41,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1  # noqa: E402
+from pydicom.uid import JPEG2000Lossless  # noqa: E402
+from sqlalchemy import select  # noqa: E402
 
-from worker import imaging, jobs  # noqa: E402
+from worker import imaging, store  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 
 
@@ -77,7 +76,7 @@ def model_limit(model: Path, seconds: float = 4.0) -> dict[str, Any]:
 
 
 def make_study(i: int, kind: str, out_dir: Path) -> Path:
-    from support import make_image
+    from worker.testing.dicom import make_image
 
     rng = np.random.default_rng(i)
     yy = np.linspace(0, 1, 2000, dtype=np.float32)[:, None]
@@ -120,17 +119,17 @@ def claim_latency(tmp: Path, rounds: int = 60) -> dict[int, float]:
     """
     dbs = {}
     for n in (1000, 5000, 10000):
-        db = jobs.Database.open(f"sqlite:///{tmp / f'claim{n}.db'}")
-        now = jobs.utcnow()
+        db = store.Database.open(f"sqlite:///{tmp / f'claim{n}.db'}")
+        now = store.utcnow()
         with db.sessions.begin() as s:
             s.execute(
-                jobs.Instance.__table__.insert(),
+                store.Instance.__table__.insert(),
                 [dict(sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
                       transfer_syntax="1.2.840.10008.1.2.1", path=f"x/{i}.dcm", size_bytes=1, sha256="0" * 64,
                       receive_count=1, state="queued", attempts=0, received_at=now,
                       last_received_at=now) for i in range(n)],
             )
-        raw = db.engine.raw_connection()  # outside a transaction: a checkpoint cannot run inside one
+        raw = db.sql_engine.raw_connection()  # outside a transaction: a checkpoint cannot run inside one
         try:
             raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
@@ -140,9 +139,9 @@ def claim_latency(tmp: Path, rounds: int = 60) -> dict[int, float]:
     for _ in range(rounds):
         for n, db in dbs.items():
             t0 = time.perf_counter()
-            got = jobs.claim_batch(db, 16, "bench", 60)
+            got = store.claim_batch(db, 16, "bench", 60)
             times[n].append((time.perf_counter() - t0) * 1e3)
-            jobs.release(db, "bench", [c.id for c in got])
+            store.release(db, "bench", [c.id for c in got])
     for db in dbs.values():
         db.close()
     return {n: round(statistics.median(v), 3) for n, v in times.items()}
@@ -188,10 +187,10 @@ ENV_FAST = {"CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0", "CXR_TRIAGE_BATCH_POLL_SE
 
 def _results(data_dir: Path, start: float) -> dict[str, Any]:
     """Throughput, latency and stage medians of a finished run, from its database and audit trail."""
-    db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+    db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
     with db.sessions() as s:
-        rows = list(s.scalars(jobs.select(jobs.Instance)))
-        sends = list(s.scalars(jobs.select(jobs.Delivery)))
+        rows = list(s.scalars(select(store.Instance)))
+        sends = list(s.scalars(select(store.Delivery)))
     db.close()
     assert all(r.state == "done" for r in rows), [(r.state, r.reason) for r in rows if r.state != "done"]
     assert len(sends) == len(rows) and all(d.state == "sent" for d in sends), [d.state for d in sends]
@@ -220,7 +219,9 @@ def _results(data_dir: Path, start: float) -> dict[str, Any]:
     return out
 
 
-def _start_node(model: Path, data_dir: Path, port: int, dest: str, env: dict[str, str], *extra: str) -> subprocess.Popen:
+def _start_node(
+    model: Path, data_dir: Path, port: int, dest: str, env: dict[str, str], *extra: str
+) -> subprocess.Popen:
     node = run_node(["serve", "--data-dir", str(data_dir), "--port", str(port), "--bind", "127.0.0.1", "--model",
                      str(model), "--destination", dest, *extra], env)
     assert wait(lambda: echo(port), 90), node.stderr.read() if node.poll() is not None else "no echo"
@@ -229,7 +230,7 @@ def _start_node(model: Path, data_dir: Path, port: int, dest: str, env: dict[str
 
 def continuous(model: Path, files: list[Path], tmp: Path, dest: str) -> dict[str, Any]:
     """Send everything to a running node (fast polling) and wait for the last SR."""
-    from support import free_port
+    from worker.testing.scu import free_port
 
     data_dir, port = tmp / "var-continuous", free_port()
     node = _start_node(model, data_dir, port, dest, {**os.environ, **ENV_FAST})
@@ -239,8 +240,8 @@ def continuous(model: Path, files: list[Path], tmp: Path, dest: str) -> dict[str
         t0 = time.time()
         send_all(files, port)
         intake = time.time() - t0
-        db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
-        ok = wait(lambda: jobs.delivery_counts(db).get("sent", 0) >= len(files), 900, 0.1)
+        db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+        ok = wait(lambda: store.delivery_counts(db).get("sent", 0) >= len(files), 900, 0.1)
         db.close()
         assert ok, "not all results were sent"
         peak = round(rss_kib(node.pid, "VmHWM") / 1024, 1)
@@ -252,7 +253,7 @@ def continuous(model: Path, files: list[Path], tmp: Path, dest: str) -> dict[str
 
 def fill_backlog(model: Path, files: list[Path], tmp: Path, dest: str) -> Path:
     """A data folder with every study queued (listener only), to be drained by copies of it."""
-    from support import free_port
+    from worker.testing.scu import free_port
 
     data_dir, port = tmp / "var-backlog", free_port()
     node = _start_node(model, data_dir, port, dest, {**os.environ, **ENV_FAST}, "--no-batch")
@@ -261,8 +262,8 @@ def fill_backlog(model: Path, files: list[Path], tmp: Path, dest: str) -> Path:
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(60)
-    db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
-    assert jobs.counts(db) == {"queued": len(files)}
+    db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+    assert store.counts(db) == {"queued": len(files)}
     db.close()
     return data_dir
 
@@ -290,7 +291,7 @@ def drain(model: Path, backlog: Path, tmp: Path, dest: str, workers: int, batch_
 
 def idle_latency(model: Path, files: list[Path], tmp: Path, dest: str, gap: float = 1.5) -> dict[str, Any]:
     """One study at a time into an idle node on its DEFAULT schedule settings (poll, gather)."""
-    from support import free_port
+    from worker.testing.scu import free_port
 
     data_dir, port = tmp / "var-idle", free_port()
     env = {**os.environ, "CXR_TRIAGE_STORAGE_DISK_RESERVE_MB": "0", "CXR_TRIAGE_LOG_LEVEL": "WARNING"}
@@ -302,8 +303,8 @@ def idle_latency(model: Path, files: list[Path], tmp: Path, dest: str, gap: floa
         for f in files:
             send_all([f], port)
             time.sleep(gap)
-        db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
-        ok = wait(lambda: jobs.delivery_counts(db).get("sent", 0) >= len(files), 120, 0.1)
+        db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+        ok = wait(lambda: store.delivery_counts(db).get("sent", 0) >= len(files), 120, 0.1)
         db.close()
         assert ok, "not all results were sent"
     finally:
@@ -366,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"needs {tool} (see README: dcmtk, orthanc)", file=sys.stderr)
             return 2
-    from orthanc import Orthanc
+    from worker.testing.orthanc import Orthanc
 
     report: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": str(args.model),
     }

@@ -18,6 +18,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The one path edit left in bench/: the fault harness is part of the reliability tests (it reads the
+# node's SQLite file with raw SQL to check invariants), so it lives in tests/reliability, not in the
+# shipped package, and tests/ is not a package. pytest finds it through [tool.pytest] pythonpath.
 sys.path.insert(0, str(REPO / "tests" / "reliability"))
 
 import faultrun  # noqa: E402

@@ -29,8 +29,8 @@ Per format: load/compile time; batch-1 latency median and p90 over ``--iters`` s
 THROUGHPUT-hint AsyncInferQueue of batch-1 requests (OpenVINO, as the worker runs), and for
 ``worker-int8`` ``Engine.infer`` on a batch of 64; peak RSS; model file size.  With ``--rounds R`` the
 formats are measured R times in alternation and each keeps its best round (this machine is
-shared).  Prints a table with ratios against torch eager and writes bench/out/formats.json.  Not a test: timings depend on the
-machine and on what else it runs (the load average is recorded).
+shared).  Prints a table with ratios against torch eager and writes bench/out/formats.json.  Not a
+test: timings depend on the machine and on what else it runs (the load average is recorded).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 OUT = REPO / "bench" / "out"
 WORK = OUT / "formats"
@@ -218,7 +217,10 @@ def child(fmt: str, work: Path, iters: int) -> dict[str, Any]:
         while time.perf_counter() - t1 < 6.0:
             eng.infer(xb)
             n += xb.shape[0]
-        res["throughput"] = {"img_s": n / (time.perf_counter() - t1), "config": f"Engine.infer, batch 64 ({eng.num_streams} streams)"}
+        res["throughput"] = {
+            "img_s": n / (time.perf_counter() - t1),
+            "config": f"Engine.infer, batch 64 ({eng.num_streams} streams)",
+        }
     else:
         raise SystemExit(f"unknown format {fmt}")
     rss = _peak_rss_mb()
@@ -231,7 +233,6 @@ def child(fmt: str, work: Path, iters: int) -> dict[str, Any]:
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    import openvino as ov
     import torch
 
     from conversion.data import load_split, read_manifest
@@ -298,8 +299,15 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     }
     write_card(WORK / "ir_int8", card)
     return {
-        "model": meta, "weights": weights, "inputs": inputs, "calibration_images": int(len(calib)),
-        "prepare_s": {"onnx_export": round(onnx_s, 1), "ov_export": round(export_s, 1), "int8_quantize": round(quant_s, 1)},
+        "model": meta,
+        "weights": weights,
+        "inputs": inputs,
+        "calibration_images": int(len(calib)),
+        "prepare_s": {
+            "onnx_export": round(onnx_s, 1),
+            "ov_export": round(export_s, 1),
+            "int8_quantize": round(quant_s, 1),
+        },
         "sizes_mb": {
             "torch_state_dict": (WORK / "model.pt").stat().st_size / 1e6,
             "onnx": (WORK / "model.onnx").stat().st_size / 1e6,
@@ -339,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration", type=int, default=300, help="INT8 calibration images (train split)")
     ap.add_argument("--iters", type=int, default=40, help="batch-1 latency iterations")
     ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--rounds", type=int, default=1, help="measure every format this many times, alternating; keep each one's best")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="measure every format this many times, alternating; keep each one's best"
+    )
     ap.add_argument("--skip-prepare", action="store_true", help="reuse bench/out/formats from a previous run")
     args = ap.parse_args(argv)
 
@@ -368,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     # Per format, the round with the best throughput (rounds alternate formats, so a burst of
     # load from other processes on this shared machine hits every format alike).
     results = []
-    for i, fmt in enumerate(formats):
+    for i in range(len(formats)):
         ok = [rd[i] for rd in rounds if "throughput" in rd[i]]
         results.append(max(ok, key=lambda r: r["throughput"]["img_s"]) if ok else rounds[-1][i])
     import openvino
@@ -384,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             "share_of_int8_ceiling": w / INT8_CEILING,
             "target": f">= {TARGET_RATIO}x torch eager and >= {TARGET_CEILING_SHARE:.0%} of {INT8_CEILING} img/s",
         }
-        summary["meets_target"] = summary["x_torch_eager"] >= TARGET_RATIO and summary["share_of_int8_ceiling"] >= TARGET_CEILING_SHARE
+        summary["meets_target"] = (
+            summary["x_torch_eager"] >= TARGET_RATIO and summary["share_of_int8_ceiling"] >= TARGET_CEILING_SHARE
+        )
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),

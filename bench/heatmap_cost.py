@@ -61,11 +61,21 @@ def _overlay_ms(engine: Engine, repeats: int) -> float:
     from worker.results import TriageResult
 
     src = make_image(rows=2500, cols=2000)
-    cams = {c: np.random.default_rng(0).random(engine.card.input_size).astype(np.float32) for c in engine.card.classes[:2]}
+    cams = {
+        c: np.random.default_rng(0).random(engine.card.input_size).astype(np.float32) for c in engine.card.classes[:2]
+    }
     probs = {c: 1.0 / len(engine.card.classes) for c in engine.card.classes}
-    result = TriageResult(predicted_class=engine.card.classes[0], probabilities=probs, priority="routine",
-                          triage_reason="bench", thresholds=dict(engine.card.thresholds), model_name=engine.card.name,
-                          model_version=engine.card.version, model_sha256=None, model_precision=engine.precision)
+    result = TriageResult(
+        predicted_class=engine.card.classes[0],
+        probabilities=probs,
+        priority="routine",
+        triage_reason="bench",
+        thresholds=dict(engine.card.thresholds),
+        model_name=engine.card.name,
+        model_version=engine.card.version,
+        model_sha256=None,
+        model_precision=engine.precision,
+    )
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -99,32 +109,49 @@ def main(argv: list[str] | None = None) -> int:
         stages["infer"].append(_per_image_ms(engine.infer, xs))
         stages["infer_maps"].append(_per_image_ms(engine.infer_maps, xs))
         stages["gradcam_1"].append(_per_image_ms(lambda _x: heatmap.gradcam(engine.heatmap, maps0[0], one, (h, w)), xs))
-        stages["gradcam_3"].append(_per_image_ms(lambda _x: heatmap.gradcam(engine.heatmap, maps0[0], three, (h, w)), xs))
+        stages["gradcam_3"].append(
+            _per_image_ms(lambda _x: heatmap.gradcam(engine.heatmap, maps0[0], three, (h, w)), xs)
+        )
     load_after = _load()
     med = {k2: statistics.median(v) for k2, v in stages.items()}
     extra1 = med["infer_maps"] - med["infer"] + med["gradcam_1"]
     extra3 = med["infer_maps"] - med["infer"] + med["gradcam_3"]
     sc_ms = _overlay_ms(engine, max(3, args.repeats))
     report = {
-        "model": {"dir": str(args.model), "name": engine.card.name, "version": engine.card.version,
-                  "precision": engine.precision, "outputs": list(engine.heatmap.outputs),
-                  "maps": [list(m.shape) for m in maps0[0]]},
-        "images": args.images, "repeats": args.repeats, "streams": engine.num_streams,
+        "model": {
+            "dir": str(args.model),
+            "name": engine.card.name,
+            "version": engine.card.version,
+            "precision": engine.precision,
+            "outputs": list(engine.heatmap.outputs),
+            "maps": [list(m.shape) for m in maps0[0]],
+        },
+        "images": args.images,
+        "repeats": args.repeats,
+        "streams": engine.num_streams,
         "median_ms_per_image": {k2: round(v, 3) for k2, v in med.items()},
         "all_ms_per_image": {k2: [round(x, 3) for x in v] for k2, v in stages.items()},
         "heatmap_extra_ms": {"1_class": round(extra1, 3), "3_classes": round(extra3, 3)},
-        "heatmap_extra_percent_of_infer": {"1_class": round(100 * extra1 / med["infer"], 2),
-                                           "3_classes": round(100 * extra3 / med["infer"], 2)},
+        "heatmap_extra_percent_of_infer": {
+            "1_class": round(100 * extra1 / med["infer"], 2),
+            "3_classes": round(100 * extra3 / med["infer"], 2),
+        },
         "overlay_sc_ms": round(sc_ms, 1),
         "machine": {"before": load_before, "after": load_after},
     }
-    print(f"model {engine.card.name} {engine.card.version} ({engine.precision}), {args.images} images x {args.repeats} repeats,"
-          f" machine load {load_before['load_1min']} -> {load_after['load_1min']} on {load_before['cpus']} CPUs")
+    print(
+        f"model {engine.card.name} {engine.card.version} ({engine.precision}), "
+        f"{args.images} images x {args.repeats} repeats,"
+        f" machine load {load_before['load_1min']} -> {load_after['load_1min']} on {load_before['cpus']} CPUs"
+    )
     print(f"{'stage':<12} {'ms/image':>10}")
     for k2, v in med.items():
         print(f"{k2:<12} {v:>10.3f}")
-    print(f"heatmap extra: {extra1:.3f} ms (1 class) = {report['heatmap_extra_percent_of_infer']['1_class']:.2f} % of infer; "
-          f"{extra3:.3f} ms (3 classes) = {report['heatmap_extra_percent_of_infer']['3_classes']:.2f} %")
+    print(
+        f"heatmap extra: {extra1:.3f} ms (1 class) = "
+        f"{report['heatmap_extra_percent_of_infer']['1_class']:.2f} % of infer; "
+        f"{extra3:.3f} ms (3 classes) = {report['heatmap_extra_percent_of_infer']['3_classes']:.2f} %"
+    )
     print(f"heatmap SC build (2000 x 2500 source): {sc_ms:.1f} ms")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

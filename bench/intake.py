@@ -26,7 +26,7 @@ database must hold exactly N rows, all ``queued``, and the spool N files; stores
 hold N files; otherwise the run is an error, not a number.
 
 Pipeline (``--pipeline``, on by default): ``worker.pipeline.drain`` in this process, with the toy
-model (``worker.toymodel.build_toy_model``), on the N jobs queued by the last durable node run:
+model (``worker.testing.toymodel.build_toy_model``), on the N jobs queued by the last durable node run:
 images/s over the whole drain and the per-stage seconds from the BatchReport.
 """
 
@@ -51,12 +51,9 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from support import make_image  # noqa: E402
-
-from worker import jobs  # noqa: E402
+from worker import store  # noqa: E402
+from worker.testing.dicom import make_image  # noqa: E402
 
 ROWS, COLS = 2500, 2000  # portrait 35x43 cm cassette, ~0.17 mm pixels
 SCU_AET = "BENCHSCU"
@@ -157,9 +154,9 @@ def run_node(files: list[Path], workdir: Path, max_pdu: int, fsync: bool) -> tup
         seconds = send(files, port, NODE_AET, max_pdu, workdir / "storescu.log")
     finally:
         stop(proc)
-    db = jobs.Database.open(f"sqlite:///{(data / 'triage.db').resolve()}", upgrade=False)
+    db = store.Database.open(f"sqlite:///{(data / 'triage.db').resolve()}", upgrade=False)
     try:
-        counts = jobs.counts(db)
+        counts = store.counts(db)
     finally:
         db.close()
     stored = len(list((data / "spool").glob("*/*.dcm")))
@@ -188,20 +185,20 @@ def run_storescp(files: list[Path], workdir: Path, max_pdu: int) -> float:
 
 
 def wait_for_modules(seconds: float) -> str | None:
-    """The pipeline needs worker.engine, worker.toymodel (and what they import); None when ready."""
+    """The pipeline needs worker.engine, worker.testing.toymodel (and what they import); None when ready."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             import worker.engine  # noqa: F401
             import worker.pipeline  # noqa: F401
-            import worker.toymodel  # noqa: F401
+            import worker.testing.toymodel  # noqa: F401
 
             return None
         except ImportError as exc:
             if time.monotonic() >= deadline:
                 return f"{type(exc).__name__}: {exc}"
             for name in [m for m in sys.modules if m.startswith("worker.")]:
-                if name in ("worker.engine", "worker.toymodel", "worker.pipeline", "worker.modelcard"):
+                if name in ("worker.engine", "worker.testing.toymodel", "worker.pipeline", "worker.modelcard"):
                     del sys.modules[name]
             time.sleep(5)
 
@@ -211,7 +208,7 @@ def run_pipeline(data: Path, n: int, tmp: Path) -> dict[str, Any]:
     from worker.engine import Engine
     from worker.node import open_storage
     from worker.settings import load_settings
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     model_dir = build_toy_model(tmp / "toy-model")
     settings = load_settings(None, {"storage.data_dir": str(data), "storage.disk_reserve_mb": "0",
@@ -222,7 +219,7 @@ def run_pipeline(data: Path, n: int, tmp: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         report = pipeline.drain(db, spool, engine, settings, pipeline.worker_id())
         seconds = time.perf_counter() - t0
-        counts = jobs.counts(db)
+        counts = store.counts(db)
     finally:
         db.close()
     if counts != {"done": n}:
@@ -235,7 +232,7 @@ def run_pipeline(data: Path, n: int, tmp: Path) -> dict[str, Any]:
         "images_per_s": round(report.done / seconds, 2),
         "stage_seconds": stages,
         "stage_ms_per_image": {k: round(v * 1e3 / report.done, 2) for k, v in report.stage_seconds.items()},
-        "model": "worker.toymodel.build_toy_model (tiny IR; measures everything around inference)",
+        "model": "worker.testing.toymodel.build_toy_model (tiny IR; measures everything around inference)",
     }
 
 
@@ -274,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=True,
                     help="also drain the queue with the toy model (default on)")
     ap.add_argument("--wait-modules", type=float, default=0.0, metavar="S",
-                    help="wait up to S seconds for worker.engine / worker.toymodel to become importable")
+                    help="wait up to S seconds for worker.engine / worker.testing.toymodel to become importable")
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: system temp)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "intake.json", help="JSON results")
     args = ap.parse_args(argv)
@@ -290,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t = time.perf_counter()
         files, total_bytes = generate(tmp / "input", args.n)
-        print(f"generated {args.n} files, {total_bytes / 2**20:.1f} MiB, in {time.perf_counter() - t:.1f} s", flush=True)
+        print(
+            f"generated {args.n} files, {total_bytes / 2**20:.1f} MiB, in {time.perf_counter() - t:.1f} s", flush=True
+        )
 
         runs: dict[str, list[float]] = {k: [] for k in TARGETS}
         keep: Path | None = None  # data dir of the last durable node run, for the pipeline
@@ -337,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = results["node"]["ratio_best"]
         ratio_med = results["node"]["ratio_median"]
         # node/storescp within each round (adjacent runs, so slow drifts in load cancel)
-        paired = [round(s_ref / s_node, 2) for s_node, s_ref in zip(runs["node"], runs["storescp"])]
+        paired = [round(s_ref / s_node, 2) for s_node, s_ref in zip(runs["node"], runs["storescp"], strict=True)]
 
         print()
         print(f"intake: {args.n} x {total_bytes / args.n / 2**20:.2f} MiB, max PDU {args.max_pdu}, "
@@ -362,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(median {statistics.median(paired):.2f})")
 
         out: dict[str, Any] = {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "machine": machine(),
             "n": args.n,
             "bytes_per_image": total_bytes // args.n,

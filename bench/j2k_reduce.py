@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -37,7 +35,7 @@ from worker.modelcard import default_model_dir, triage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    from support import make_image
+    from worker.testing.dicom import make_image
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=default_model_dir())

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from worker import imaging  # noqa: E402
 
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(n) for n in cases)
     print(f"decode+preprocess, {COLS}x{ROWS} 16-bit (12 stored) CR, median of {args.runs} runs, 1 core")
     print(f"{'case':<{width}}  {'median ms':>9}  {'min ms':>7}  {'p90 ms':>7}")
-    for name, r in zip(cases, results):
+    for name, r in zip(cases, results, strict=True):
         print(f"{name:<{width}}  {r['median_ms']:>9.2f}  {r['min_ms']:>7.2f}  {r['p90_ms']:>7.2f}")
     print(f"target: <= {TARGET_MS} ms for preprocess")
 

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
-from support import echo, free_port, make_image, send  # noqa: E402
-
-from worker import jobs  # noqa: E402
+from worker import store  # noqa: E402
+from worker.testing.dicom import make_image  # noqa: E402
+from worker.testing.scu import echo, free_port, send  # noqa: E402
 
 
 def _start(data: Path, port: int, model: str | None) -> subprocess.Popen[bytes]:
@@ -41,12 +40,12 @@ def _start(data: Path, port: int, model: str | None) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _leased_by(db: jobs.Database, pid: int) -> int:
+def _leased_by(db: store.Database, pid: int) -> int:
     from sqlalchemy import func, select
 
     with db.sessions() as s:
-        return int(s.scalar(select(func.count()).where(jobs.Instance.state == "running",
-                                                       jobs.Instance.lease_owner.like(f"%:{pid}:%"))) or 0)
+        return int(s.scalar(select(func.count()).where(store.Instance.state == "running",
+                                                       store.Instance.lease_owner.like(f"%:{pid}:%"))) or 0)
 
 
 def main() -> int:
@@ -61,14 +60,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cxr-restart-"))
     data, port = work / "var", free_port()
     proc = _start(data, port, args.model)
-    db = jobs.Database.open(f"sqlite:///{data / 'triage.db'}")
+    db = store.Database.open(f"sqlite:///{data / 'triage.db'}")
     statuses = send([make_image(rows=512, cols=512, seed=i) for i in range(args.images)], port)
     assert statuses == [0] * args.images, statuses
     leased_at_kills = []
     try:
         for _ in range(args.kills):
             while _leased_by(db, proc.pid) == 0:  # a batch of this process holds leases
-                if jobs.counts(db).get("done", 0) == args.images:
+                if store.counts(db).get("done", 0) == args.images:
                     raise SystemExit("every image was screened before all kills: use more --images")
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
@@ -76,9 +75,9 @@ def main() -> int:
             leased_at_kills.append(_leased_by(db, proc.pid))
             t0 = time.monotonic()
             proc = _start(data, port, args.model)
-        while jobs.counts(db).get("done", 0) < args.images:
+        while store.counts(db).get("done", 0) < args.images:
             if time.monotonic() - t0 > args.timeout:
-                raise SystemExit(f"not screened after {args.timeout:.0f} s: {jobs.counts(db)}")
+                raise SystemExit(f"not screened after {args.timeout:.0f} s: {store.counts(db)}")
             time.sleep(0.1)
         seconds = time.monotonic() - t0
     finally:

@@ -6,7 +6,7 @@ builder, i.e. what build_sr was before the template cache), and build_sc.
 Fast and reference builds are interleaved (one reference build every ``--ref-every`` fast
 builds), so both see the same machine load; reported are the median and the minimum of the
 wall time (``perf_counter``) and the median of the thread CPU time (``thread_time``, less
-disturbed by other processes on a shared machine).  Input: ``tests/support.py`` ``make_image``
+disturbed by other processes on a shared machine).  Input: ``worker/testing/dicom.py`` ``make_image``
 (CR, 256 x 200) with orientation and spacing, a three-class result; the SC uses a 3000 x 2500
 12-bit image.  The first build_sr (template build, ~100 ms) is not counted.  Also checks that
 both SR builders give the same bytes.
@@ -18,25 +18,25 @@ import argparse
 import io
 import json
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import numpy as np  # noqa: E402
 
-import support  # noqa: E402
 from worker import results  # noqa: E402
+from worker.results import sr_reference  # noqa: E402
+from worker.testing.dicom import make_image  # noqa: E402
 
 NOW = datetime(2026, 11, 26, 14, 30, 5, 123456, tzinfo=timezone(timedelta(hours=1)))
 
 
 def _source(pixels: np.ndarray | None = None) -> Any:
-    ds = support.make_image(pixels=pixels, stored=12) if pixels is not None else support.make_image()
+    ds = make_image(pixels=pixels, stored=12) if pixels is not None else make_image()
     ds.PatientOrientation = ["P", "F"]
     ds.ImagerPixelSpacing = [0.143, 0.143]
     return ds
@@ -90,14 +90,14 @@ def main() -> None:
     src, result = _source(), _result()
     first = _timed(lambda: results.build_sr(src, result, now=NOW))
     same = _encoded(results.build_sr(src, result, now=NOW)) == _encoded(
-        results._build_sr_reference(src, result, now=NOW)
+        sr_reference._build_sr_reference(src, result, now=NOW)
     )
     fast: list[tuple[float, float]] = []
     ref: list[tuple[float, float]] = []
     for i in range(args.rounds):
         fast.append(_timed(lambda: results.build_sr(src, result, now=NOW)))
         if i % args.ref_every == 0:
-            ref.append(_timed(lambda: results._build_sr_reference(src, result, now=NOW)))
+            ref.append(_timed(lambda: sr_reference._build_sr_reference(src, result, now=NOW)))
 
     rng = np.random.default_rng(1)
     big = _source(rng.integers(0, 4096, (3000, 2500)).astype(np.uint16))

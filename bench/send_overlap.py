@@ -22,15 +22,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import ComprehensiveSRStorage  # noqa: E402
 
-from worker import jobs, pipeline, sender  # noqa: E402
+from worker import pipeline, sender, store  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 from worker.modelcard import default_model_dir  # noqa: E402
 from worker.settings import Destination, load_settings  # noqa: E402
@@ -48,8 +46,8 @@ def slow_pacs(port: int, delay: float, stored: list[float]):  # type: ignore[no-
     return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
 
-def fill(tmp: Path, n: int) -> tuple[jobs.Database, Spool]:
-    db = jobs.Database.open(f"sqlite:///{tmp / 'triage.db'}")
+def fill(tmp: Path, n: int) -> tuple[store.Database, Spool]:
+    db = store.Database.open(f"sqlite:///{tmp / 'triage.db'}")
     spool = Spool(tmp / "spool", reserve_bytes=0)
     files = sorted((REPO / "samples").glob("*.dcm"))
     for i in range(n):
@@ -59,7 +57,7 @@ def fill(tmp: Path, n: int) -> tuple[jobs.Database, Spool]:
         path = tmp / "spool" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=True)
-        jobs.enqueue(db, jobs.Received(
+        store.enqueue(db, store.Received(
             sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
             study_instance_uid=str(ds.StudyInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
             accession_number=str(ds.get("AccessionNumber", "")), modality=str(ds.Modality),
@@ -83,7 +81,7 @@ def run(mode: str, engine: Engine, n: int, port: int, delay: float) -> float:
         else:
             bg = sender.BackgroundSender(db, spool, settings).start()
             pipeline.drain(db, spool, engine, settings, "bench", on_results=bg.wake)
-            while jobs.delivery_counts(db).get("sent", 0) < n:
+            while store.delivery_counts(db).get("sent", 0) < n:
                 time.sleep(0.01)
             bg.stop()
         assert len(stored) == n, (mode, len(stored))
@@ -93,7 +91,7 @@ def run(mode: str, engine: Engine, n: int, port: int, delay: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from support import free_port
+    from worker.testing.scu import free_port
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=48)

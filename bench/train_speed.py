@@ -88,9 +88,20 @@ def step_throughput(model_name: str, sizes: list[int], *, batch: int = 32, steps
     out = []
     for s in sizes:
         med = statistics.median(times[s])
-        out.append({"model": model_name, "size": s, "batch": batch, "amp": amp, "channels_last": channels_last, "threads": threads,
-                    "step_s": round(med, 4), "step_s_min": round(min(times[s]), 4), "images_per_s": round(batch / med, 2),
-                    "epoch_s": round(N_TRAIN / (batch / med), 1)})
+        out.append(
+            {
+                "model": model_name,
+                "size": s,
+                "batch": batch,
+                "amp": amp,
+                "channels_last": channels_last,
+                "threads": threads,
+                "step_s": round(med, 4),
+                "step_s_min": round(min(times[s]), 4),
+                "images_per_s": round(batch / med, 2),
+                "epoch_s": round(N_TRAIN / (batch / med), 1),
+            }
+        )
     return out
 
 
@@ -159,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="hybrid,resnet50,mobilenet")
     p.add_argument("--sizes", default="128,160,192,224")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--recipes", nargs="*", default=["training/configs/shipped-3class.toml", "training/configs/fast-3class.toml"])
+    p.add_argument(
+        "--recipes", nargs="*", default=["training/configs/shipped-3class.toml", "training/configs/fast-3class.toml"]
+    )
     p.add_argument("--explore", action="store_true")
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "train_speed.json"))
     a = p.parse_args(argv)
@@ -171,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in step_throughput(m, [int(v) for v in a.sizes.split(",")], steps=a.steps):
             rows.append(r)
             thr[(m, r["size"])] = r["images_per_s"]
-            print(f"{m:<10} {r['size']:>5} {r['step_s']:>8.3f} {r['images_per_s']:>9.2f} {r['epoch_s']:>20.1f} s", flush=True)
+            print(
+                f"{m:<10} {r['size']:>5} {r['step_s']:>8.3f} {r['images_per_s']:>9.2f} {r['epoch_s']:>20.1f} s",
+                flush=True,
+            )
     eval_ips = eval_throughput("hybrid", 224)
     print(f"hybrid validation (inference, bf16 autocast, batch 64) at 224 px: {eval_ips:.1f} images/s")
     recipes = [recipe_cost(REPO / r if not Path(r).is_absolute() else Path(r), thr, eval_ips) for r in a.recipes]
@@ -180,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in recipes:
             ratio = r["total_s"] / recipes[0]["total_s"]
             r["ratio_to_first"] = round(ratio, 3)
-            print(f"{r['recipe']:<44} {r['epochs']:>6} {r['train_s']:>8.0f} {r['val_s']:>6.0f} {r['total_s']:>8.0f} {ratio:>6.2f}  {r['sizes']}")
+            print(
+                f"{r['recipe']:<44} {r['epochs']:>6} {r['train_s']:>8.0f} {r['val_s']:>6.0f} {r['total_s']:>8.0f}"
+                f" {ratio:>6.2f}  {r['sizes']}"
+            )
     extra = []
     if a.explore:
         print("\nother settings, hybrid at 160 px:")
@@ -189,10 +208,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average after: {load_after}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": rows, "eval_images_per_s_224": eval_ips, "recipes": recipes, "explore": extra,
-                               "load_before": load_before, "load_after": load_after, "cpu": platform.processor() or platform.machine(),
-                               "cores": os.cpu_count(), "torch": torch.__version__,
-                               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "steps": rows,
+                "eval_images_per_s_224": eval_ips,
+                "recipes": recipes,
+                "explore": extra,
+                "load_before": load_before,
+                "load_after": load_after,
+                "cpu": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(),
+                "torch": torch.__version__,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
     return 0
 

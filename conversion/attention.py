@@ -189,7 +189,7 @@ def attention_report(
     small: list[np.ndarray] = []
     for i in range(0, len(data), 16):
         p, maps = engine.infer_maps(data.x[i : i + 16])
-        for row, m in zip(p, maps):
+        for row, m in zip(p, maps, strict=True):
             cam = heatmap.gradcam(engine.heatmap, m, [int(row.argmax())], size)[0]
             shares.append(region_shares(cam))
             small.append(np.asarray(Image.fromarray(cam).resize((_GRID, _GRID), Image.Resampling.BOX)))
@@ -197,7 +197,7 @@ def attention_report(
     probs = np.concatenate(probs_all)
     pred = probs.argmax(1)
     true_names = [classes[int(t)] for t in data.y]
-    correct = [bool(a == b) for a, b in zip(pred, data.y)]
+    correct = [bool(a == b) for a, b in zip(pred, data.y, strict=True)]
     by_class = _group_table(true_names, shares, {"accuracy": correct})
     by_source = _group_table(sources, shares, {"accuracy": correct})
     by_age = _group_table(list(data.age_groups), shares, {"accuracy": correct})
@@ -205,7 +205,7 @@ def attention_report(
     source_check = None
     if "covid19" in classes:
         k = classes.index("covid19")
-        keep = np.array([t != k and g in ("adult", "child") for t, g in zip(data.y, data.age_groups)])
+        keep = np.array([t != k and g in ("adult", "child") for t, g in zip(data.y, data.age_groups, strict=True)])
         if keep.any():
             adult = np.array([g == "adult" for g in data.age_groups])[keep]
             source_check = _auroc(adult, probs[keep, k])

@@ -69,7 +69,7 @@ def to_openvino(model: nn.Module, input_shape: tuple[int, int, int], *, heatmap:
         ov_model = ov.convert_model(wrapped, example_input=example, input=[ov.PartialShape([-1, c, h, w])])
     ov_model.inputs[0].get_tensor().set_names({"input"})
     ov_model.outputs[0].get_tensor().set_names({"probabilities"})
-    for out, name in zip(ov_model.outputs[1:], map_names):
+    for out, name in zip(ov_model.outputs[1:], map_names, strict=True):
         out.get_tensor().set_names({name})
     return ov_model
 

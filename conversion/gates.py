@@ -197,7 +197,7 @@ def candidate_measures(
     both("accuracy", lambda m: m["overall"]["accuracy"])
     both("adult_accuracy", lambda m: ((m.get("by_age_group") or {}).get("adult") or {}).get("accuracy"))
     both("macro_auroc", lambda m: _macro_auroc(m["overall"]))
-    classes = list(((float_metrics["overall"].get("triage") or {}).get("per_class") or {}))
+    classes = list((float_metrics["overall"].get("triage") or {}).get("per_class") or {})
     for c in classes:
         for rate in ("sensitivity", "specificity"):
             both(f"{c}_{rate}", lambda m, c=c, rate=rate: ((m["overall"].get("triage") or {}).get("per_class") or {}).get(c, {}).get(rate))

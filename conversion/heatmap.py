@@ -269,7 +269,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     a2 = a.reshape(-1, a.shape[-2] * a.shape[-1])
     b2 = b.reshape(-1, b.shape[-2] * b.shape[-1])
     r = []
-    for u, v in zip(a2, b2):
+    for u, v in zip(a2, b2, strict=True):
         if u.std() > 0 and v.std() > 0:
             r.append(float(np.corrcoef(u, v)[0, 1]))
     return float(np.mean(r)) if r else None  # type: ignore[return-value]  # no map varies: undefined (JSON null)

@@ -124,7 +124,7 @@ def quantize_int8_with_accuracy_control(
 ) -> ov.Model:
     """Accuracy-aware PTQ: keep agreement with ``reference_top1`` (torch's top-1 on ``validation``) within ``max_drop``."""
     ref = np.asarray(reference_top1, dtype=np.int64)
-    val_items = [(x, int(t)) for x, t in zip(_items(validation), ref)]
+    val_items = [(x, int(t)) for x, t in zip(_items(validation), ref, strict=True)]
 
     def validate(compiled: Any, data: Iterable[tuple[np.ndarray, int]]) -> tuple[float, list[float]]:
         out = compiled.outputs[0]

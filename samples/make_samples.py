@@ -33,11 +33,13 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    ComputedRadiographyImageStorage as CRImageStorage,
+    PYDICOM_IMPLEMENTATION_UID,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
-    PYDICOM_IMPLEMENTATION_UID,
+)
+from pydicom.uid import (
+    ComputedRadiographyImageStorage as CRImageStorage,
 )
 
 #: (class, source, licence prefixes allowed, how many, age note). Order = file numbering.
@@ -61,13 +63,19 @@ FORMS = {
 }
 AGE = {"lecuong1502/BTL_Machine_Learning": "003Y", "muhammedtalo/COVID-19": "054Y"}
 CREDIT = {
-    "lecuong1502/BTL_Machine_Learning": "Kermany D, Zhang K, Goldbaum M. Labeled Optical Coherence Tomography (OCT) and Chest "
-    "X-Ray Images for Classification. Mendeley Data v2, 2018, doi:10.17632/rscbjbr9sj.2 (CC BY 4.0); via the GitHub copy "
-    "lecuong1502/BTL_Machine_Learning",
-    "muhammedtalo/COVID-19": "Wang X et al. ChestX-ray8, CVPR 2017; NIH Clinical Center ChestX-ray14 (no restriction on use, "
-    "citation requested); via muhammedtalo/COVID-19 (Ozturk et al. 2020)",
-    "ieee8023/covid-chestxray-dataset": "Cohen JP, Morrison P, Dao L et al. COVID-19 image data collection, arXiv:2006.11988, "
-    "2020 (per-image licence as listed); snapshot of 22 Jun 2020 via hida6/covid-chestxray-dataset",
+    "lecuong1502/BTL_Machine_Learning": (
+        "Kermany D, Zhang K, Goldbaum M. Labeled Optical Coherence Tomography (OCT) and Chest X-Ray Images "
+        "for Classification. Mendeley Data v2, 2018, doi:10.17632/rscbjbr9sj.2 (CC BY 4.0); via the GitHub "
+        "copy lecuong1502/BTL_Machine_Learning"
+    ),
+    "muhammedtalo/COVID-19": (
+        "Wang X et al. ChestX-ray8, CVPR 2017; NIH Clinical Center ChestX-ray14 (no restriction on use, "
+        "citation requested); via muhammedtalo/COVID-19 (Ozturk et al. 2020)"
+    ),
+    "ieee8023/covid-chestxray-dataset": (
+        "Cohen JP, Morrison P, Dao L et al. COVID-19 image data collection, arXiv:2006.11988, 2020 (per-image"
+        " licence as listed); snapshot of 22 Jun 2020 via hida6/covid-chestxray-dataset"
+    ),
 }
 #: A UID root for these synthetic objects: 2.25 + a fixed integer (PS3.5 B.2, UUID-derived).
 UID_ROOT = "2.25."
@@ -107,7 +115,9 @@ def build(row: dict, number: int, root: Path) -> Dataset:
     ds.SOPClassUID = CRImageStorage if modality == "CR" else DigitalXRayImageStorageForPresentation
     ds.SOPInstanceUID = uid(key, "instance")
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = "20261126"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = f"{8 + number // 2:02d}{(number * 7) % 60:02d}00"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = (
+        f"{8 + number // 2:02d}{(number * 7) % 60:02d}00"
+    )
     ds.AccessionNumber = f"DEMO{number:04d}"
     ds.Modality = modality
     ds.Manufacturer = "cxr-triage sample builder"

@@ -5,19 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import SHARED, free_port, wait_for  # noqa: F401  (wait_for: re-exported for old imports)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from support import SHARED, free_port, wait_for  # noqa: E402,F401  (wait_for: re-exported for old imports)
-
-from worker.settings import Settings, load_settings  # noqa: E402
+from worker.settings import Settings, load_settings
 
 
 @pytest.fixture
@@ -35,7 +30,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def toy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny OpenVINO IR + card (built with the opset API, no torch) at 224 px."""
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     return build_toy_model(tmp_path_factory.mktemp("toy") / "model", thresholds={"covid19": 0.5, "pneumonia": 0.5})
 
@@ -66,7 +61,7 @@ def model_settings(settings: Settings, toy_model: Path) -> Settings:
 
 
 @pytest.fixture
-def node(settings: Settings) -> Iterator["object"]:
+def node(settings: Settings) -> Iterator[object]:
     """The listener alone (no scheduler), in process; tests run batches explicitly."""
     from worker.node import Node
 
@@ -156,7 +151,7 @@ def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A real Orthanc on free loopback ports; stopped (by pid) after the test."""
     if shutil.which("Orthanc") is None:
         pytest.skip("Orthanc is not installed (apt-get install orthanc)")
-    from orthanc import Orthanc
+    from worker.testing.orthanc import Orthanc
 
     o = Orthanc(tmp_path / "orthanc")
     yield o

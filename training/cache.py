@@ -10,7 +10,7 @@ sample is bit-identical to ``grey_to_input`` of the full image, i.e. to what the
 model (tests check it).
 
 The cache is keyed by the manifest's sha256, the preprocessing spec (size, crop, VOI mode,
-percentiles) and the sha256 of ``worker/imaging.py`` itself, so a change to the data, the spec or
+percentiles) and the sha256 of the ``worker/imaging/`` modules themselves, so a change to the data, the spec or
 the worker's preprocessing never serves stale pixels.  Files (written atomically, temp + rename)::
 
     <cache_dir>/<key>.npy    uint8 (N, H, W): one fitted image per manifest row, in manifest order
@@ -50,7 +50,12 @@ def default_cache_dir() -> Path:
 
 
 def _imaging_sha256() -> str:
-    return hashlib.sha256(Path(imaging.__file__).read_bytes()).hexdigest()
+    """sha256 over the modules of the ``worker.imaging`` package (name and bytes, sorted by name):
+    a change to any stage of the preprocessing builds a new cache."""
+    h = hashlib.sha256()
+    for p in sorted(Path(imaging.__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
 
 
 def _spec_entry(spec: PreprocessSpec) -> dict:

@@ -109,7 +109,7 @@ def write_comparison(runs: Sequence[str | os.PathLike], manifest: str | os.PathL
     labels = list(names) or [Path(r).name for r in runs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(dict(zip(labels, summaries)), indent=2) + "\n")
+    (out / "compare.json").write_text(json.dumps(dict(zip(labels, summaries, strict=True)), indent=2) + "\n")
     groups = sorted({g for s in summaries for g in s["test_by_group"]})
     srcs = sorted({k for s in summaries for k in s["test_by_source"]})
     head = "| | " + " | ".join(labels) + " |\n| --- |" + " --- |" * len(labels)

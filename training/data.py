@@ -108,7 +108,7 @@ class Augment:
     hflip: float = 0.0  # probability; 0 by default (dextrocardia is not a training signal)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any] | None, strength: float = 1.0) -> "Augment":
+    def from_config(cls, cfg: dict[str, Any] | None, strength: float = 1.0) -> Augment:
         base = cls(**(cfg or {}))
         return cls(
             rotate_deg=base.rotate_deg * strength,
@@ -186,7 +186,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.labels = np.array([self.index[r[label]] for r in self.rows], dtype=np.int64)
         self.patients = [r.get("patient_id", "") for r in self.rows]
         self.groups = [(r.get(group_column) or "unknown") if group_column else "all" for r in self.rows]
-        self.files = [r.get("file", p) for r, p in zip(self.rows, self.paths)]
+        self.files = [r.get("file", p) for r, p in zip(self.rows, self.paths, strict=True)]
         self.spec = spec
         self.augment = augment
         self.seed = seed

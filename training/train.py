@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,18 @@ from torch import nn
 from worker.imaging import PreprocessSpec
 
 from . import config as config_mod
-from .checkpoint import model_spec, save_checkpoint
 from .cache import GreyCache
-from .data import Augment, ManifestDataset, class_weights, cv_folds, labelled_rows, manifest_sha256, read_manifest, split_rows
+from .checkpoint import model_spec, save_checkpoint
+from .data import (
+    Augment,
+    ManifestDataset,
+    class_weights,
+    cv_folds,
+    labelled_rows,
+    manifest_sha256,
+    read_manifest,
+    split_rows,
+)
 from .metrics import classification_metrics
 from .models import count_parameters, create_model
 from .progress import Progress, eta
@@ -358,8 +367,8 @@ def train_run(
         "model_weights": {k: cfg["model"][k] for k in ("weights", "resnet_weights", "mobilenet_weights")},
         "fold": fold,
         "seed": seed,
-        "class_counts": dict(zip(classes, counts)),
-        "class_weights": dict(zip(classes, cw)),
+        "class_counts": dict(zip(classes, counts, strict=True)),
+        "class_weights": dict(zip(classes, cw, strict=True)),
         **(provenance or {}),
     }
     epochs = int(t["epochs"])
@@ -418,7 +427,7 @@ def train_run(
     save_checkpoint(run_dir / "best.pt", run.model, model_spec=mspec, classes=classes, input=_input_entry(spec),
                     preprocessing=_pre_entry(spec), training=ck_meta, metrics=metrics)
     _write_json(run_dir / "metrics.json", metrics)
-    _write_json(run_dir / "done.json", {"finished": datetime.now(timezone.utc).isoformat(), "best_epoch": ck_meta["best_epoch"]})
+    _write_json(run_dir / "done.json", {"finished": datetime.now(UTC).isoformat(), "best_epoch": ck_meta["best_epoch"]})
     if not t["keep_last"] and last.exists():
         last.unlink()
     return metrics
@@ -530,7 +539,7 @@ def run_experiment(cfg: dict, out: str | Path, *, command: str | None = None, re
         by_split = {k: _limit(v, int(d["max_per_split"])) for k, v in by_split.items()}
     provenance = {"manifest": str(manifest.resolve()), "manifest_sha256": manifest_sha256(manifest), "commit": git_commit(),
                   "versions": versions()}
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
     cmd = command or " ".join(shlex.quote(a) for a in sys.argv)
     exp = {"config": cfg, **provenance, "command": cmd, "started": now, "host": platform.node(), "cpu_threads": torch.get_num_threads()}
     if previous is not None:
@@ -573,5 +582,5 @@ def run_experiment(cfg: dict, out: str | Path, *, command: str | None = None, re
                 results[m][k] = train_run(cfg, m, [pool[i] for i in f["train"]], [pool[i] for i in f["val"]], sets,
                                           out / m / f"fold-{k}", fold=k, provenance=provenance, grey_cache=cache)
             log.info("fold %d done after %.0f s", k, time.time() - t0)
-    _write_json(out / "finished.json", {"finished": datetime.now(timezone.utc).isoformat(), "seconds": round(time.time() - t0, 1)})
+    _write_json(out / "finished.json", {"finished": datetime.now(UTC).isoformat(), "seconds": round(time.time() - t0, 1)})
     return results

@@ -8,7 +8,9 @@ written here (nor to the ordinary log): only UIDs, AE titles, addresses, statuse
 Each line: ``{"ts": ISO-8601 UTC, "event": name, ...fields}``. Events: ``node_started``,
 ``node_stopped``, ``config_changed``, ``model_changed``, ``association_accepted``,
 ``association_rejected``, ``association_released``, ``object_received``, ``object_refused``,
-``object_resent``, ``object_ignored``, ``leases_reclaimed``, ``object_purged``, ``rows_pruned``, ``purge_finished``, ``rescreen_requested``, ``job_finished``, ``result_produced``, ``result_sent``, ``result_send_failed``.
+``object_resent``, ``object_ignored``, ``leases_reclaimed``, ``object_purged``, ``rows_pruned``,
+``purge_finished``, ``rescreen_requested``, ``job_finished``, ``result_produced``, ``result_sent``,
+``result_send_failed``.
 
 Lines are appended with ``O_APPEND`` (atomic for lines this short on POSIX) and flushed; several
 processes may write the same file.
@@ -46,7 +48,7 @@ class AuditLog:
         """Append one event; never raises (auditing must not break intake)."""
         if self._fd is None:
             return
-        doc = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        doc = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                "event": event}
         doc.update({k: v for k, v in fields.items() if v is not None})
         line = (json.dumps(doc, separators=(",", ":"), default=str) + "\n").encode()

@@ -22,11 +22,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select
-
-from worker import jobs
+from worker import store
 from worker.commandline import CommandError, check_class, open_existing, parse_when
-from worker.maintenance import purge_line, cmd_model, cmd_purge, cmd_rescreen
+from worker.maintenance import cmd_model, cmd_purge, cmd_rescreen, purge_line
 from worker.modelcard import ModelCardError
 from worker.priority import PRIORITIES
 from worker.settings import Settings, SettingsError, load_settings
@@ -37,14 +35,18 @@ log = logging.getLogger(__name__)
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration file (env CXR_TRIAGE_CONFIG)")
     p.add_argument("--data-dir", metavar="DIR", help="spool and SQLite database folder [storage.data_dir]")
-    p.add_argument("--database", metavar="URL", help="SQLAlchemy URL, e.g. postgresql+psycopg://... [storage.database_url]")
+    p.add_argument(
+        "--database", metavar="URL", help="SQLAlchemy URL, e.g. postgresql+psycopg://... [storage.database_url]"
+    )
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR [log_level]")
     p.add_argument("--log-format", choices=["text", "json"], help="one JSON object per line with json [log_format]")
 
 
 def _node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="folder with model.xml, model.bin, model.json [model.path]")
-    p.add_argument("--precision", choices=["f32", "bf16", "f16", "int8"], help="override the model card [model.precision]")
+    p.add_argument(
+        "--precision", choices=["f32", "bf16", "f16", "int8"], help="override the model card [model.precision]"
+    )
     p.add_argument("--batch-size", type=int, metavar="N", help="images per batch [batch.size]")
     p.add_argument("--destination", action="append", metavar="SPEC",
                    help="result destination AET@host:port or folder:PATH, repeatable [destinations]")
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("query", help="list screened and waiting images from the triage database")
     _common(p)
-    p.add_argument("--state", action="append", choices=[s.value for s in jobs.State], help="repeatable")
+    p.add_argument("--state", action="append", choices=[s.value for s in store.State], help="repeatable")
     p.add_argument("--class", dest="predicted_class", metavar="NAME", help="predicted class")
     p.add_argument("--priority", choices=["urgent", "high", "routine"])
     p.add_argument("--min-probability", type=float, metavar="P", help="probability of the predicted class >= P")
@@ -109,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rescreen", help="put finished jobs back in the queue by filter (e.g. after a model upgrade)")
     _common(p)
-    p.add_argument("--state", action="append", choices=["done", "skipped", "failed"], help="repeatable (default: all three)")
+    p.add_argument(
+        "--state", action="append", choices=["done", "skipped", "failed"], help="repeatable (default: all three)"
+    )
     p.add_argument("--since", metavar="WHEN", help="received at or after (ISO 8601 date or time, UTC)")
     p.add_argument("--until", metavar="WHEN", help="received before (ISO 8601 date or time, UTC)")
     p.add_argument("--class", dest="predicted_class", metavar="NAME", help="predicted class")
@@ -118,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every finished job (no filter)")
     p.add_argument("--dry-run", action="store_true", help="only count")
 
-    p = sub.add_parser("purge", help="delete spooled images (PHI) of finished, delivered jobs past storage.retention_days")
+    p = sub.add_parser(
+        "purge", help="delete spooled images (PHI) of finished, delivered jobs past storage.retention_days"
+    )
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     p.add_argument("--days", type=int, metavar="N", help="older than N days instead of storage.retention_days")
@@ -185,8 +191,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     import os
 
     from worker import audit as audit_log
-    from worker import pipeline, sender
-    from worker import preflight
+    from worker import pipeline, preflight, sender
     from worker.node import load_engine, open_storage, sd_notify
 
     preflight.check_storage(settings)  # before the model loads
@@ -241,7 +246,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         db.close()
 
 
-def _query_rows(args: argparse.Namespace, db: jobs.Database) -> list[dict[str, Any]]:
+def _query_rows(args: argparse.Namespace, db: store.Database) -> list[dict[str, Any]]:
     from worker import worklist
 
     since = parse_when(args.since, "--since") if args.since else None
@@ -263,10 +268,10 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
@@ -301,7 +306,9 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
         _print_table(rows, ["at", "kind", "status", "calling_ae", "sop_instance_uid", "reason"])
     else:
         for r in rows:  # why a result is not delivered yet, or never will be (also in --format json: deliveries)
-            errors = [d["last_error"] for d in r["deliveries"] if d["state"] != jobs.SendState.SENT.value and d["last_error"]]
+            errors = [
+                d["last_error"] for d in r["deliveries"] if d["state"] != store.SendState.SENT.value and d["last_error"]
+            ]
             r["send_error"] = "; ".join(dict.fromkeys(errors)) or None
         _print_table(
             rows,
@@ -315,26 +322,25 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     db = open_existing(settings)
     try:
-        counts = jobs.counts(db)
-        oldest = jobs.oldest_waiting(db)
-        sends = jobs.delivery_counts(db)
-        by_priority = jobs.priority_counts(db)
-        with db.sessions() as s:
-            refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind.not_in(["duplicate", "ignored"]))) or 0
-            ignored = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind == "ignored")) or 0
+        counts = store.counts(db)
+        oldest = store.oldest_waiting(db)
+        sends = store.delivery_counts(db)
+        by_priority = store.priority_counts(db)
+        refused = store.intake_event_count(db, not_kinds=["duplicate", "ignored"])
+        ignored = store.intake_event_count(db, kinds=["ignored"])
     finally:
         db.close()
-    out = {
-        "counts": {st.value: counts.get(st.value, 0) for st in jobs.State},
+    out: dict[str, Any] = {
+        "counts": {st.value: counts.get(st.value, 0) for st in store.State},
         "total": sum(counts.values()),
         "intake_refusals": refused,
         "priorities": {p: by_priority.get(p, 0) for p in PRIORITIES},
         "intake_ignored": ignored,
-        "deliveries": {st.value: sends.get(st.value, 0) for st in jobs.SendState},
+        "deliveries": {st.value: sends.get(st.value, 0) for st in store.SendState},
         "oldest_waiting": None,
     }
     if oldest is not None:
-        age = (jobs.utcnow() - oldest.received_at).total_seconds()
+        age = (store.utcnow() - oldest.received_at).total_seconds()
         out["oldest_waiting"] = {"sop_instance_uid": oldest.sop_instance_uid, "age_seconds": round(age, 1)}
     if args.format == "json":
         print(json.dumps(out, indent=2))
@@ -359,13 +365,14 @@ def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
     db = open_existing(settings)
     try:
         if args.to:
-            with db.sessions() as s:
-                recorded = set(s.scalars(select(jobs.Delivery.destination).distinct()))
+            recorded = store.recorded_destinations(db)
             configured = [d.name for d in settings.result_destinations]
             if args.to not in recorded and args.to not in configured:
                 known = configured + sorted(recorded - set(configured))
-                raise CommandError(f"--to {args.to!r} is not a destination (destinations: {', '.join(known) or 'none'})")
-        n = jobs.resend(db, sop_instance_uid=args.sop, destination=args.to)
+                raise CommandError(
+                    f"--to {args.to!r} is not a destination (destinations: {', '.join(known) or 'none'})"
+                )
+        n = store.resend(db, sop_instance_uid=args.sop, destination=args.to)
         print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again")
         if args.now and n:
             from worker import sender
@@ -404,7 +411,7 @@ def cmd_hash_password(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     if settings.storage.database_url is None:
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    jobs.Database.open(settings.storage.url).close()
+    store.Database.open(settings.storage.url).close()
     print("database schema is current")
     return 0
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import select
-
-from worker import jobs
+from worker import store
 from worker.modelcard import ModelCardError
 from worker.settings import Settings, SettingsError
 
@@ -22,7 +20,7 @@ class CommandError(Exception):
     """A command cannot do what was asked (a missing database, a bad argument): one line, exit 2."""
 
 
-def open_existing(settings: Settings) -> jobs.Database:
+def open_existing(settings: Settings) -> store.Database:
     """The node's database for a read-only command: never created here (a new empty database
     would report "nothing waiting" for a node whose real queue is elsewhere)."""
     from sqlalchemy.engine import make_url
@@ -37,16 +35,17 @@ def open_existing(settings: Settings) -> jobs.Database:
         where = str(path)
     else:
         where = make_url(st.database_url).render_as_string(hide_password=True)
-    db = jobs.Database.open(st.url, upgrade=False)
+    db = store.Database.open(st.url, upgrade=False)
     try:
-        revision = jobs.current_revision(db.engine)
+        revision = store.current_revision(db.sql_engine)
         if revision is None:
             raise CommandError(f"{where} is not a cxr-triage database (no schema); {hint}")
-        if revision != jobs.HEAD_REVISION:
-            jobs.migrate(db.engine)
+        if revision != store.HEAD_REVISION:
+            store.migrate(db.sql_engine)
     except SQLAlchemyError as exc:
         db.close()
-        detail = str(exc.orig if getattr(exc, "orig", None) is not None else exc).strip().splitlines()[0]
+        orig = getattr(exc, "orig", None)
+        detail = str(orig if orig is not None else exc).strip().splitlines()[0]
         raise CommandError(f"cannot open the triage database {where}: {detail}") from None
     except CommandError:
         db.close()
@@ -59,17 +58,16 @@ def parse_when(text: str, name: str) -> dt.datetime:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise CommandError(f"{name}: {text!r} is not an ISO 8601 date or time") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
-def check_class(name: str, settings: Settings, db: jobs.Database) -> None:
+def check_class(name: str, settings: Settings, db: store.Database) -> None:
     """``--class`` must be a class of the configured model (or one recorded in the database by an
     earlier model); a typo would otherwise print an empty table that reads as "none found"."""
     from worker.modelcard import ModelCard
     from worker.node import model_dir
 
-    with db.sessions() as s:
-        recorded = {c for c in s.scalars(select(jobs.Instance.predicted_class).distinct()) if c}
+    recorded = store.recorded_classes(db)
     try:
         card = ModelCard.load(model_dir(settings), verify_hash=False)
         model_classes, model = list(card.classes), f"model {card.name} {card.version}"

@@ -25,7 +25,7 @@ import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -109,7 +109,7 @@ def _pydicom_plugin(plugin: str) -> Decode:
         if plugin not in decoder.available_plugins:
             return None
         arr, _meta = decoder.as_array(frame.ds, index=0, decoding_plugin=plugin)
-        return arr
+        return cast(np.ndarray, arr)
 
     return run
 

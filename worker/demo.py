@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from worker import jobs
+from worker import store
 from worker.settings import Destination, Settings, SettingsError
 
 __all__ = ["Sample", "find_samples", "read_samples", "run"]
@@ -38,7 +36,7 @@ __all__ = ["Sample", "find_samples", "read_samples", "run"]
 MARKER = ".cxr-triage-demo"
 #: The folder the samples ship in, in a source checkout.
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
-FINAL = {jobs.State.DONE.value, jobs.State.SKIPPED.value, jobs.State.FAILED.value}
+FINAL = {store.State.DONE.value, store.State.SKIPPED.value, store.State.FAILED.value}
 
 
 @dataclass(frozen=True)
@@ -170,13 +168,12 @@ def _send_pynetdicom(files: list[Path], host: str, port: int, ae_title: str) -> 
     return 1 if failed else 0
 
 
-def _snapshot(db: jobs.Database, uids: list[str]) -> dict[str, dict[str, Any]]:
+def _snapshot(db: store.Database, uids: list[str]) -> dict[str, dict[str, Any]]:
     """Per sample: the instance row (``as_dict``, as ``query`` prints it) with its deliveries."""
-    with db.sessions() as s:
-        found = list(s.scalars(select(jobs.Instance).where(jobs.Instance.sop_instance_uid.in_(uids))))
-        rows = {r.sop_instance_uid: r.as_dict() for r in found}
-        ids = {r.id: r.sop_instance_uid for r in found}
-    deliveries = jobs.deliveries_of(db, list(ids))
+    found = store.instances_by_uid(db, uids)
+    rows = {r.sop_instance_uid: r.as_dict() for r in found}
+    ids = {r.id: r.sop_instance_uid for r in found}
+    deliveries = store.deliveries_of(db, list(ids))
     for i, uid in ids.items():
         rows[uid]["_deliveries"] = deliveries.get(i, [])
     return rows
@@ -185,7 +182,9 @@ def _snapshot(db: jobs.Database, uids: list[str]) -> dict[str, dict[str, Any]]:
 def _finished(row: dict[str, Any] | None) -> bool:
     if row is None or row["state"] not in FINAL:
         return False
-    pending = [d for d in row["_deliveries"] if d["state"] not in (jobs.SendState.SENT.value, jobs.SendState.FAILED.value)]
+    pending = [
+        d for d in row["_deliveries"] if d["state"] not in (store.SendState.SENT.value, store.SendState.FAILED.value)
+    ]
     return not pending
 
 
@@ -214,7 +213,7 @@ def _table(samples: list[Sample], rows: dict[str, dict[str, Any]], classes: list
         body.append([smp.path.name, smp.expected or "?", predicted,
                      *[f"{probs[c]:.3f}" if c in probs else "" for c in classes],
                      r.get("priority") or "", _latency(r), sr])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*head), fmt.format(*["-" * w for w in widths]), *(fmt.format(*b) for b in body)]
 
@@ -244,10 +243,10 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """The ``demo`` subcommand (see the module docstring)."""
+    import logging
+
     from worker.modelcard import ModelCard
     from worker.node import model_dir as resolve_model_dir
-
-    import logging
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # the node's own log is in node.log
     if settings.storage.database_url:
@@ -303,7 +302,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         # (then no other server can), and it must still be running when the C-ECHO is answered.
         while True:
             bound = _listening_port(log_path, aet)
-            if bound is not None and proc.poll() is None and _echo(host, bound, aet, timeout=2.0) and proc.poll() is None:
+            if (
+                bound is not None
+                and proc.poll() is None
+                and _echo(host, bound, aet, timeout=2.0)
+                and proc.poll() is None
+            ):
                 port = bound
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -315,10 +319,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         files = [s.path for s in samples]
         t0 = time.monotonic()
-        rc = (_send_storescu if shutil.which("storescu") and not args.pynetdicom else _send_pynetdicom)(files, host, port, aet)
+        rc = (_send_storescu if shutil.which("storescu") and not args.pynetdicom else _send_pynetdicom)(
+            files, host, port, aet
+        )
         if rc != 0:
             _say(f"the DICOM client reported a failure (exit {rc}); waiting for what was accepted")
-        db = jobs.Database.open(dataclasses.replace(settings.storage, data_dir=data_dir).url, upgrade=False)
+        db = store.Database.open(dataclasses.replace(settings.storage, data_dir=data_dir).url, upgrade=False)
         try:
             uids = [s.sop_instance_uid for s in samples]
             last = ""
@@ -345,7 +351,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for line in _table(samples, rows, list(card.classes)):
             print(line)
         print()
-        matched = sum(1 for s in samples if s.expected and rows.get(s.sop_instance_uid, {}).get("predicted_class") == s.expected)
+        matched = sum(
+            1 for s in samples if s.expected and rows.get(s.sop_instance_uid, {}).get("predicted_class") == s.expected
+        )
         known = sum(1 for s in samples if s.expected)
         acc = card_accuracy(card.raw)
         measured = f"; the model card measured {acc * 100:.1f} % accuracy on its test split" if acc is not None else ""
@@ -355,11 +363,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             if d.message_based:
                 _say(f"{d.type.upper()} messages ({d.name}): {d.url or f'{d.host}:{d.port}'}")
                 continue
-            where = d.path.resolve() if d.type == "folder" else f"{d.ae_title}@{d.host}:{d.port}"
+            where = d.path.resolve() if d.type == "folder" and d.path is not None else f"{d.ae_title}@{d.host}:{d.port}"
             _say(f"SR objects ({d.name}): {where}")
-            if want_heatmaps and d.type == "folder":
+            if want_heatmaps and d.type == "folder" and d.path is not None:
                 n_hm = _count_heatmaps(d.path)
-                _say(f"heatmap Secondary Captures ({d.name}): {n_hm} in {where} (series 'AI heatmap - not for diagnosis')")
+                _say(f"heatmap Secondary Captures ({d.name}): {n_hm} in {where} "
+                     "(series 'AI heatmap - not for diagnosis')")
         _say(f"the triage database: cxr-triage query --data-dir {data_dir}")
         if args.web_port is not None:
             _say(f"the worklist page: http://127.0.0.1:{args.web_port}/")
@@ -406,6 +415,7 @@ def add_parser(sub: Any, common: Any) -> None:
     p.add_argument("--web-port", type=int, metavar="N", help="also serve the worklist page on 127.0.0.1:N (extra: web)")
     p.add_argument("--pynetdicom", action="store_true", help="send with pynetdicom even when storescu is installed")
     p.add_argument("--heatmap", action="store_true",
-                   help="also send a heatmap Secondary Capture per image [send.heatmap]; needs a model with heatmap outputs")
+                   help="also send a heatmap Secondary Capture per image [send.heatmap]; "
+                        "needs a model with heatmap outputs")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results (default 300)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the node to start")

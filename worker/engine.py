@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import openvino as ov
@@ -61,7 +61,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return cast(np.ndarray, e / e.sum(axis=-1, keepdims=True))
 
 
 def _check_num_streams(num_streams: int | str | None) -> str | None:
@@ -82,7 +82,8 @@ def _check_num_streams(num_streams: int | str | None) -> str | None:
 
 
 class Engine:
-    """Compile the IR once per process; infer batches through ``ov.AsyncInferQueue`` with the THROUGHPUT performance hint.
+    """Compile the IR once per process; infer batches through ``ov.AsyncInferQueue`` with the
+    THROUGHPUT performance hint.
 
     Attributes:
         card: the validated model card.
@@ -231,7 +232,9 @@ class Engine:
         queue.set_callback(self._on_done)
         return queue
 
-    def _on_done(self, request: ov.InferRequest, userdata: tuple[np.ndarray, np.ndarray, list[str], int, list[Any] | None]) -> None:
+    def _on_done(
+        self, request: ov.InferRequest, userdata: tuple[np.ndarray, np.ndarray, list[str], int, list[Any] | None]
+    ) -> None:
         """Copy one request's output row (and, when ``maps`` is a list, its feature maps) into the
         caller's arrays (runs on an OpenVINO thread).
 
@@ -345,12 +348,12 @@ class Engine:
                 f"(row sums {np.round(sums[:5], 4).tolist()}, min {probs.min():.4g}); should it be 'logits'?"
             )
         probs = np.clip(probs, 0.0, None)
-        return probs / probs.sum(axis=1, keepdims=True)
+        return cast(np.ndarray, probs / probs.sum(axis=1, keepdims=True))
 
     def probabilities(self, batch: np.ndarray) -> list[dict[str, float]]:
         """:meth:`infer`, as one ``{class name: probability}`` dict per image (card class order)."""
         rows = self.infer(batch)
-        return [dict(zip(self.card.classes, map(float, row))) for row in rows]
+        return [dict(zip(self.card.classes, map(float, row), strict=True)) for row in rows]
 
     def __repr__(self) -> str:
         return (

@@ -68,7 +68,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 def _effective(ds: Dataset) -> str | None:
     """Acquisition, else Study date and time of the image as a FHIR dateTime (no zone: a date)."""
-    for d, t in (("AcquisitionDate", "AcquisitionTime"), ("StudyDate", "StudyTime")):
+    for d, _t in (("AcquisitionDate", "AcquisitionTime"), ("StudyDate", "StudyTime")):
         date = _text(ds, d)
         if len(date) == 8 and date.isdigit():
             return f"{date[:4]}-{date[4:6]}-{date[6:]}"
@@ -79,7 +79,7 @@ def build_bundle(source: Dataset, result: TriageResult, sr_uid: str, *, now: dt.
     """The transaction Bundle (JSON, validated) for one screened image."""
     from fhir.resources.R4B.bundle import Bundle
 
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     study_uid = _text(source, "StudyInstanceUID")
     subject = {"identifier": {"value": _text(source, "PatientID")}} if _text(source, "PatientID") else None
     model = f"{result.model_name} {result.model_version} ({result.model_precision})"
@@ -125,8 +125,13 @@ def build_bundle(source: Dataset, result: TriageResult, sr_uid: str, *, now: dt.
         resource = {"resourceType": "Observation",
                     "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{ident}"}],
                     **{k: v for k, v in common.items() if v is not None}, **body}
-        entries.append({"fullUrl": f"urn:uuid:{ident}", "resource": resource,
-                        "request": {"method": "PUT", "url": f"Observation?identifier=urn:ietf:rfc:3986|urn:uuid:{ident}"}})
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{ident}",
+                "resource": resource,
+                "request": {"method": "PUT", "url": f"Observation?identifier=urn:ietf:rfc:3986|urn:uuid:{ident}"},
+            }
+        )
         refs.append({"reference": f"urn:uuid:{ident}"})
     report_id = uuid.uuid5(_NS, f"{sr_uid}/report")
     report: dict[str, Any] = {

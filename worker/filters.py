@@ -103,13 +103,21 @@ def _view_code_meaning(ds: pydicom.Dataset) -> str:
     return str(seq[0].get("CodeMeaning", "") or "").strip().lower()
 
 
-#: Written into every result object (worker/results.py); kept here to avoid importing highdicom.
+#: Written into every result object (worker/results/); kept here to avoid importing highdicom.
 OWN_SERIES_DESCRIPTION = "AI triage - not for diagnosis"
 OWN_MANUFACTURER = "cxr-triage"
 
 
 def check(ds: pydicom.Dataset) -> str | None:
-    """Header-only (never decodes pixels): None when the object looks like a frontal chest radiograph we can read; otherwise a reason a person can read, which becomes a 'skipped' row. Rules: no PixelData -> "no pixel data"; Modality not CR/DX -> skip, EXCEPT Secondary Capture (SOPClassUID 1.2.840.10008.5.1.4.1.1.7 and its multi-frame greyscale variants 1.2.840.10008.5.1.4.1.1.7.2/.7.3) which passes only with chest evidence (BodyPartExamined CHEST/THORAX, or StudyDescription/SeriesDescription/ProtocolName mentioning chest, thorax, lung, CXR, or pneumonia/covid); ViewPosition lateral (LL, RL, LATERAL, LLD, RLD...) -> "lateral view"; BodyPartExamined present and not chest-like -> e.g. "body part KNEE is not chest"; PhotometricInterpretation not MONOCHROME1/2 -> "not greyscale (RGB)"; SamplesPerPixel != 1.
+    """Header-only (never decodes pixels): None when the object looks like a frontal chest radiograph
+    we can read; otherwise a reason a person can read, which becomes a 'skipped' row. Rules: no
+    PixelData -> "no pixel data"; Modality not CR/DX -> skip, EXCEPT Secondary Capture (SOPClassUID
+    1.2.840.10008.5.1.4.1.1.7 and its multi-frame greyscale variants
+    1.2.840.10008.5.1.4.1.1.7.2/.7.3) which passes only with chest evidence (BodyPartExamined
+    CHEST/THORAX, or StudyDescription/SeriesDescription/ProtocolName mentioning chest, thorax, lung,
+    CXR, or pneumonia/covid); ViewPosition lateral (LL, RL, LATERAL, LLD, RLD...) -> "lateral view";
+    BodyPartExamined present and not chest-like -> e.g. "body part KNEE is not chest";
+    PhotometricInterpretation not MONOCHROME1/2 -> "not greyscale (RGB)"; SamplesPerPixel != 1.
 
     Decisions beyond the list above:
       * Modality CR or DX passes whatever the SOP class (an SC object with Modality DX, like the
@@ -137,7 +145,8 @@ def check(ds: pydicom.Dataset) -> str | None:
     if modality not in ACCEPTED_MODALITIES:
         if _text(ds, "SOPClassUID") in SECONDARY_CAPTURE_CLASSES:
             if not _chest_evidence(ds):
-                return f"secondary capture ({modality or 'no modality'}) without chest evidence in body part or descriptions"
+                return (f"secondary capture ({modality or 'no modality'}) without chest evidence in body part"
+                        " or descriptions")
         else:
             return f"modality {modality or '(missing)'} is not CR or DX"
 

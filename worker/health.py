@@ -11,6 +11,7 @@ Metrics use prometheus-client (no hand-written exposition format).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -24,9 +25,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
-from worker import jobs
+from worker import store
 from worker.settings import Settings
 from worker.spool import Spool
 
@@ -38,7 +38,7 @@ class NodeState:
     """What the health endpoint can see of the running node."""
 
     settings: Settings
-    db: jobs.Database
+    db: store.Database
     spool: Spool
     model_name: str | None = None
     model_version: str | None = None
@@ -54,14 +54,10 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         db = self.state.db
-        with db.sessions() as s:
-            by_state = dict(s.execute(select(jobs.Instance.state, func.count()).group_by(jobs.Instance.state)).all())
-            resends = s.scalar(select(func.coalesce(func.sum(jobs.Instance.receive_count - 1), 0))) or 0
-            by_kind = dict(s.execute(select(jobs.IntakeEvent.kind, func.count()).group_by(jobs.IntakeEvent.kind)).all())
-            sends = dict(s.execute(select(jobs.Delivery.state, func.count()).group_by(jobs.Delivery.state)).all())
-            oldest = s.scalar(
-                select(func.min(jobs.Instance.received_at)).where(jobs.Instance.state == jobs.State.QUEUED.value)
-            )
+        snap = store.metric_counts(db)
+        by_state, resends, by_kind, sends, oldest = (
+            snap.by_state, snap.resends, snap.by_kind, snap.sends, snap.oldest_queued
+        )
         received = CounterMetricFamily("cxr_triage_received", "Instances stored and queued (re-sends not counted)")
         received.add_metric([], sum(by_state.values()))
         yield received
@@ -73,31 +69,33 @@ class QueueCollector(Collector):
             refused.add_metric([kind], by_kind.get(kind, 0))
         yield refused
         outcome = CounterMetricFamily("cxr_triage_jobs_finished", "Jobs finished, by outcome", labels=["state"])
-        for st in (jobs.State.DONE, jobs.State.SKIPPED, jobs.State.FAILED):
+        for st in (store.State.DONE, store.State.SKIPPED, store.State.FAILED):
             outcome.add_metric([st.value], by_state.get(st.value, 0))
         yield outcome
         depth = GaugeMetricFamily("cxr_triage_queue_depth", "Jobs waiting or running", labels=["state"])
-        for st in (jobs.State.QUEUED, jobs.State.RUNNING):
+        for st in (store.State.QUEUED, store.State.RUNNING):
             depth.add_metric([st.value], by_state.get(st.value, 0))
         yield depth
         age = GaugeMetricFamily("cxr_triage_oldest_waiting_seconds", "Age of the oldest queued job (0 when none)")
         if oldest is not None:
             if oldest.tzinfo is None:
-                oldest = oldest.replace(tzinfo=jobs.dt.timezone.utc)
-            age.add_metric([], max(0.0, (jobs.utcnow() - oldest).total_seconds()))
+                oldest = oldest.replace(tzinfo=dt.UTC)
+            age.add_metric([], max(0.0, (store.utcnow() - oldest).total_seconds()))
         else:
             age.add_metric([], 0.0)
         yield age
         from worker.priority import PRIORITIES
 
-        by_priority = jobs.priority_counts(db)
-        screened = CounterMetricFamily("cxr_triage_screened", "Screened images, by triage priority", labels=["priority"])
+        by_priority = store.priority_counts(db)
+        screened = CounterMetricFamily(
+            "cxr_triage_screened", "Screened images, by triage priority", labels=["priority"]
+        )
         for p in PRIORITIES:
             screened.add_metric([p], by_priority.get(p, 0))
         yield screened
         deliveries = CounterMetricFamily("cxr_triage_deliveries", "Result deliveries, by state", labels=["state"])
-        for st in jobs.SendState:
-            deliveries.add_metric([st.value], sends.get(st.value, 0))
+        for sst in store.SendState:
+            deliveries.add_metric([sst.value], sends.get(sst.value, 0))
         yield deliveries
         if self.state.model_version:
             info = InfoMetricFamily("cxr_triage_model", "The model this node screens with")
@@ -133,8 +131,7 @@ def check_health(state: NodeState) -> tuple[bool, dict[str, Any]]:
     """Database reachable, spool writable, model loaded, disk reserve kept."""
     checks: dict[str, Any] = {}
     try:
-        with state.db.sessions() as s:
-            s.execute(select(1))
+        store.ping(state.db)
         checks["database"] = {"ok": True}
     except Exception as exc:
         checks["database"] = {"ok": False, "error": type(exc).__name__}
@@ -191,7 +188,7 @@ class HealthServer:
     def port(self) -> int:
         return int(self.httpd.server_address[1])
 
-    def start(self) -> "HealthServer":
+    def start(self) -> HealthServer:
         self.thread.start()
         log.info("health and metrics on http://%s:%d/", *self.httpd.server_address[:2])
         return self

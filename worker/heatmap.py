@@ -108,18 +108,21 @@ class Head:
 
     def logits(self, pooled: np.ndarray) -> np.ndarray:
         """``(N, F)`` pooled features -> ``(N, K)`` class scores (float64)."""
-        h = pooled @ self.w1.T + self.b1
+        h: np.ndarray = pooled @ self.w1.T + self.b1
         if self.w2 is None:
             return h
-        return np.maximum(h, 0.0) @ self.w2.T + self.b2
+        z: np.ndarray = np.maximum(h, 0.0) @ self.w2.T + self.b2
+        return z
 
     def score_gradients(self, pooled: np.ndarray, classes: Sequence[int]) -> np.ndarray:
         """``dz_c/df`` for one image: ``(F,)`` pooled features -> ``(len(classes), F)``."""
         idx = np.asarray(classes, dtype=np.int64)
         if self.w2 is None:
-            return self.w1[idx]
+            g: np.ndarray = self.w1[idx]
+            return g
         mask = (self.w1 @ pooled + self.b1) > 0.0  # the hidden ReLU's activation pattern
-        return (self.w2[idx] * mask[None, :]) @ self.w1
+        grad: np.ndarray = (self.w2[idx] * mask[None, :]) @ self.w1
+        return grad
 
 
 def write_head(
@@ -138,11 +141,15 @@ def write_head(
     if w2 is None:
         arrays.update(w=np.asarray(w1, np.float32), b=np.asarray(b1, np.float32))
     else:
-        arrays.update(w1=np.asarray(w1, np.float32), b1=np.asarray(b1, np.float32),
-                      w2=np.asarray(w2, np.float32), b2=np.asarray(b2, np.float32))
+        arrays.update(
+            w1=np.asarray(w1, np.float32),
+            b1=np.asarray(b1, np.float32),
+            w2=np.asarray(w2, np.float32),
+            b2=np.asarray(b2, np.float32),
+        )
     path = d / HEAD_FILE
     with open(path, "wb") as f:  # np.savez_compressed(path) would append ".npz" to other names
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as the allow_pickle flag
     return {"method": METHOD, "file": HEAD_FILE, "sha256": _sha256(path), "outputs": list(outputs)}
 
 
@@ -178,16 +185,15 @@ def load(card: Any, ir_output_names: Sequence[set[str]] | None = None) -> Head:
         known = set().union(*ir_output_names) if ir_output_names else set()
         missing = [o for o in outputs if o not in known]
         if missing:
-            raise HeatmapUnavailable(f"{where}: the IR has no output(s) {', '.join(missing)} named in {CARD_KEY}.outputs")
+            raise HeatmapUnavailable(
+                f"{where}: the IR has no output(s) {', '.join(missing)} named in {CARD_KEY}.outputs"
+            )
     try:
         with np.load(path, allow_pickle=False) as z:
             arr = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
     except Exception as exc:  # noqa: BLE001 - any unreadable file is "no heatmaps", said clearly
         raise HeatmapUnavailable(f"{where}: cannot read {path}: {type(exc).__name__}: {exc}") from None
-    if "w1" in arr:
-        need = ("w1", "b1", "w2", "b2")
-    else:
-        need = ("w", "b")
+    need: tuple[str, ...] = ("w1", "b1", "w2", "b2") if "w1" in arr else ("w", "b")
     if any(k not in arr for k in need):
         raise HeatmapUnavailable(f"{path}: needs arrays {', '.join(need)} (has {', '.join(sorted(arr))})")
     w1, b1 = (arr["w1"], arr["b1"]) if "w1" in arr else (arr["w"], arr["b"])
@@ -222,9 +228,7 @@ def upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def gradcam(
-    head: Head, maps: Sequence[np.ndarray], classes: Sequence[int], size: tuple[int, int]
-) -> np.ndarray:
+def gradcam(head: Head, maps: Sequence[np.ndarray], classes: Sequence[int], size: tuple[int, int]) -> np.ndarray:
     """Grad-CAM of one image for each class in ``classes``: ``(len(classes), H, W)`` float32 in [0, 1].
 
     ``maps``: the image's feature maps, one ``(C_b, h_b, w_b)`` array per branch in

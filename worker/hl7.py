@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 VERSION = "2.5.1"
 #: HL7 table 0027 (Priority) for our priorities: STAT, ASAP, Routine.
-PRIORITY_0027: dict[str, tuple[str, str]] = {"urgent": ("S", "STAT"), "high": ("A", "ASAP"), "routine": ("R", "Routine")}
+PRIORITY_0027: dict[str, tuple[str, str]] = {
+    "urgent": ("S", "STAT"),
+    "high": ("A", "ASAP"),
+    "routine": ("R", "Routine"),
+}
 #: HL7 table 0001 (Administrative Sex) from DICOM Patient's Sex (M, F, O).
 _SEX = {"M": "M", "F": "F", "O": "O"}
 DELIVERED_ACKS = frozenset({"AA", "CA"})
@@ -90,7 +94,7 @@ def build_oru(
     source: Dataset, result: TriageResult, dest: Destination, sr_uid: str, *, now: dt.datetime | None = None
 ) -> str:
     """The ORU^R01 for one screened image (segments joined by CR, 2.5.1 2.6.1)."""
-    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone()
+    now = (now or dt.datetime.now(dt.UTC)).astimezone()
     stamp = _ts(now)
     prio_code, prio_text = PRIORITY_0027[result.priority]
     accession = _esc(_text(source, "AccessionNumber"))
@@ -198,7 +202,7 @@ async def _exchange(
                                 server_hostname=dest.host if ssl_ctx else None),
             timeout,
         )
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         why = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
         return [f"{where}: cannot connect: {why}"] * len(messages)
     try:
@@ -213,7 +217,7 @@ async def _exchange(
                 writer.writeblock(msg.encode("utf-8"))
                 await writer.drain()
                 reply = await asyncio.wait_for(reader.readmessage(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 out.append(f"{where}: no ACK within {timeout:g} s")
                 break
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -233,7 +237,7 @@ async def _exchange(
         writer.close()
         try:
             await asyncio.wait_for(writer.wait_closed(), timeout)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
     # after a lost connection or a missing ACK the rest were not sent: they fail this attempt
     out += [f"{where}: not sent (connection ended earlier)"] * (len(messages) - len(out))

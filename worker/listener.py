@@ -30,33 +30,35 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import ThreadedAssociationServer
-from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import IntegrityError
 
 from worker import audit as audit_log
-from worker import jobs, tls
+from worker import store, tls
 from worker.settings import Settings
 from worker.spool import Spool, SpoolError, uid_problem
 
@@ -109,7 +111,7 @@ _HEADER_TAGS = [
 class Intake:
     """Everything the C-STORE handler needs, bound to it explicitly."""
 
-    db: jobs.Database
+    db: store.Database
     spool: Spool
     settings: Settings
     audit: audit_log.AuditLog = audit_log.NULL
@@ -185,12 +187,12 @@ def handle_store(event: evt.Event, intake: Intake) -> Dataset | int:
     except Exception as exc:  # never raise into pynetdicom
         log.exception("unexpected error while storing an object")
         reason = f"internal error while storing: {type(exc).__name__}"
-        jobs.record_event(intake.db, "refused", reason, status=STATUS_OUT_OF_RESOURCES)
+        store.record_event(intake.db, "refused", reason, status=STATUS_OUT_OF_RESOURCES)
         return _status(STATUS_OUT_OF_RESOURCES, reason)
 
 
 def _store(event: evt.Event, intake: Intake) -> Dataset | int:
-    req = event.request
+    req = cast(C_STORE, event.request)  # EVT_C_STORE carries a C-STORE request
     sop_uid = str(req.AffectedSOPInstanceUID or "")
     sop_class = str(req.AffectedSOPClassUID or "")
     calling = _text(event.assoc.requestor.ae_title)
@@ -200,7 +202,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         log.warning("refused C-STORE from %s (status 0x%04X): %s", calling, code, reason)
         intake.audit.record("object_refused", calling_ae=calling, peer=peer, status=f"0x{code:04X}", reason=reason,
                             sop_instance_uid=sop_uid if not uid_problem(sop_uid) else None)
-        jobs.record_event(
+        store.record_event(
             intake.db, "refused", reason, status=code, calling_ae=calling, peer=peer,
             sop_instance_uid=sop_uid, sop_class_uid=sop_class,
         )
@@ -215,7 +217,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
             log.info("ignored C-STORE of SOP class %s from %s (not stored)", sop_class, calling)
             intake.audit.record("object_ignored", calling_ae=calling, peer=peer, sop_class_uid=sop_class,
                                 sop_instance_uid=sop_uid if not uid_problem(sop_uid) else None)
-            jobs.record_event(intake.db, "ignored", reason, status=STATUS_SUCCESS, calling_ae=calling, peer=peer,
+            store.record_event(intake.db, "ignored", reason, status=STATUS_SUCCESS, calling_ae=calling, peer=peer,
                               sop_instance_uid=sop_uid, sop_class_uid=sop_class)
             return STATUS_SUCCESS
         return refuse(STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not accepted by this node")
@@ -250,7 +252,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
 
     # Hash while the lookup and the durable write run (see _Sha256InBackground).
     sha256 = _Sha256InBackground(data)
-    existing = jobs.find(intake.db, sop_uid)
+    existing = store.find(intake.db, sop_uid)
     if existing is not None:
         digest = sha256.hexdigest()
         if digest != existing.sha256:
@@ -260,7 +262,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
             clash = _identity_clash(intake.spool, existing, header)
             if clash:
                 return refuse(STATUS_CANNOT_UNDERSTAND, f"SOP Instance UID is already stored for another {clash}")
-        same = jobs.record_resend(intake.db, sop_uid, digest, calling, peer)
+        same = store.record_resend(intake.db, sop_uid, digest, calling, peer)
         intake.audit.record("object_resent", sop_instance_uid=sop_uid, calling_ae=calling, peer=peer, identical=same)
         log.info("re-send of stored instance %s acknowledged, not queued again", sop_uid)
         return STATUS_SUCCESS
@@ -272,7 +274,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         return refuse(STATUS_OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
     digest = sha256.hexdigest()
 
-    item = jobs.Received(
+    item = store.Received(
         sop_instance_uid=sop_uid,
         sop_class_uid=sop_class,
         study_instance_uid=_text(header.get("StudyInstanceUID")),
@@ -288,10 +290,10 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
         sha256=digest,
     )
     try:
-        jobs.enqueue(intake.db, item)
+        store.enqueue(intake.db, item)
     except IntegrityError:
         # Another association stored the same instance a moment ago: a re-send.
-        jobs.record_resend(intake.db, sop_uid, digest, calling, peer)
+        store.record_resend(intake.db, sop_uid, digest, calling, peer)
         return STATUS_SUCCESS
     except Exception as exc:
         # The file may stay in the spool, but the peer gets a failure and will send again.
@@ -303,7 +305,7 @@ def _store(event: evt.Event, intake: Intake) -> Dataset | int:
     return STATUS_SUCCESS
 
 
-def _identity_clash(spool: Spool, existing: jobs.Instance, header: Dataset) -> str | None:
+def _identity_clash(spool: Spool, existing: store.Instance, header: Dataset) -> str | None:
     """"study" or "patient" when ``header`` names another study or patient than the stored
     object with the same SOP Instance UID; None when they agree or the stored one is unreadable."""
     study = _text(header.get("StudyInstanceUID"))
@@ -339,7 +341,7 @@ def handle_rejected(event: evt.Event, intake: Intake) -> None:
         log.warning("rejected association from %s: %s", event.assoc.requestor.address, reason)
         intake.audit.record("association_rejected", calling_ae=calling, called_ae=called,
                             peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}", reason=reason)
-        jobs.record_event(
+        store.record_event(
             intake.db, "association_rejected", reason, calling_ae=calling,
             peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
         )
@@ -386,7 +388,7 @@ def make_ae(settings: Settings) -> AE:
     # recorded reason, rather than vanishing in negotiation.
     uids = list(ACCEPTED_SOP_CLASSES) + [
         cx.abstract_syntax for cx in AllStoragePresentationContexts
-        if cx.abstract_syntax not in ACCEPTED_SOP_CLASSES
+        if cx.abstract_syntax is not None and cx.abstract_syntax not in ACCEPTED_SOP_CLASSES
     ]
     for uid in uids:
         ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
@@ -415,12 +417,25 @@ class NodeServer(ThreadedAssociationServer):
       closed before any DICOM is spoken, and recorded.
     * ``get_request``: the TLS handshake runs in the association's own thread (on first read),
       not in the accept loop, so a slow or silent TLS client cannot stall every other sender.
+
+    Made by ``AE.make_server(..., server_class=NodeServer, allowed_networks=..., intake=...)``:
+    pynetdicom passes the extra keyword arguments to this constructor.
     """
 
-    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    intake: Intake | None = None
+    def __init__(
+        self,
+        *args: Any,
+        allowed_networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        intake: Intake | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # set before the base constructor: it binds and listens, and may verify requests at once
+        self.allowed_networks = list(allowed_networks)
+        self.intake = intake
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None  # set by the server's constructor
         client_socket, address = self.socket.accept()
         # An accepted socket is blocking with no timeout (Python gives it none, whatever the
         # listening socket has), and pynetdicom reads a whole PDU in one blocking loop: a peer
@@ -447,7 +462,7 @@ class NodeServer(ThreadedAssociationServer):
         log.warning("refused connection: %s", reason)
         if self.intake is not None:
             self.intake.audit.record("association_rejected", peer=f"{host}", reason=reason)
-            jobs.record_event(self.intake.db, "association_rejected", reason, peer=str(host))
+            store.record_event(self.intake.db, "association_rejected", reason, peer=str(host))
         return False
 
 
@@ -455,7 +470,7 @@ def start(settings: Settings, intake: Intake) -> ThreadedAssociationServer:
     """Start the SCP in a background thread; returns the server (``.shutdown()`` stops it)."""
     intake.spool.remove_stale_temp_files()
     ae = make_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [intake]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected, [intake]),
@@ -467,17 +482,23 @@ def start(settings: Settings, intake: Intake) -> ThreadedAssociationServer:
     if li.tls_cert is not None and li.tls_key is not None:
         ssl_context = tls.server_context(li.tls_cert, li.tls_key, li.tls_ca, li.tls_require_client_cert)
 
-    server_class = type(
-        "ConfiguredNodeServer",
-        (NodeServer,),
-        {"allowed_networks": [ipaddress.ip_network(p, strict=False) for p in li.allowed_peers], "intake": intake},
-    )
     server = ae.make_server(
-        (li.bind_address, li.port), ssl_context=ssl_context, evt_handlers=handlers, server_class=server_class
+        (li.bind_address, li.port), ssl_context=ssl_context, evt_handlers=handlers, server_class=NodeServer,
+        allowed_networks=[ipaddress.ip_network(p, strict=False) for p in li.allowed_peers], intake=intake,
     )
+    _register(ae, server)
     thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
     thread.start()
-    ae._servers.append(server)  # so that ae.shutdown() also stops it, as with ae.start_server
     log.info("listening as %s on %s:%d%s", li.ae_title, li.bind_address, server.server_address[1],
              " (TLS)" if ssl_context else "")
     return server
+
+
+
+def _register(ae: AE, server: ThreadedAssociationServer) -> None:
+    """The one use of pynetdicom internals: ``AssociationServer.shutdown()`` removes the server
+    from ``ae._servers`` (ValueError when it is not there), and only ``AE.start_server`` adds it,
+    which cannot take our server class (it hard-codes ``ThreadedAssociationServer``). So a server
+    made with the public ``AE.make_server`` is added here, as ``start_server`` would (pynetdicom
+    3.0, ``ae.py`` ``start_server`` and ``transport.py`` ``AssociationServer.shutdown``)."""
+    ae._servers.append(server)

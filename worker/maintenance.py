@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from worker import jobs
+from worker import store
 from worker.commandline import CommandError, check_class, open_existing, parse_when
 from worker.settings import Settings
 
@@ -23,7 +23,7 @@ def cmd_rescreen(args: argparse.Namespace, settings: Settings) -> int:
     given = [args.state, args.since, args.until, args.predicted_class, args.model_version, args.sop]
     if not args.all and not any(given):
         raise CommandError("name the jobs: --state, --since, --until, --class, --model-version, --sop, or --all")
-    flt = jobs.RescreenFilter(
+    flt = store.RescreenFilter(
         states=tuple(args.state or ("done", "skipped", "failed")),
         since=parse_when(args.since, "--since") if args.since else None,
         until=parse_when(args.until, "--until") if args.until else None,
@@ -38,7 +38,7 @@ def cmd_rescreen(args: argparse.Namespace, settings: Settings) -> int:
         def has_image(rel: str) -> bool:
             return (spool_root / rel).is_file()
 
-        queued, missing = jobs.rescreen(db, flt, has_image, dry_run=args.dry_run)
+        queued, missing = store.rescreen(db, flt, has_image, dry_run=args.dry_run)
     finally:
         db.close()
     if not args.dry_run and queued:
@@ -58,9 +58,9 @@ def purge_line(rep: Any) -> str:
     out = (f"purge{' (dry run)' if rep.dry_run else ''}: {verb} {rep.images} image(s) and {rep.results} result "
            f"object(s) of {rep.jobs} job(s), {rep.bytes / 2**20:.1f} MB")
     if rep.cutoff is not None:
-        out += f" (finished and delivered before {jobs.iso(rep.cutoff)})"
+        out += f" (finished and delivered before {store.iso(rep.cutoff)})"
     if rep.rows_cutoff is not None:
-        out += f"; {verb} {rep.rows} row(s) and {rep.events} intake event(s) from before {jobs.iso(rep.rows_cutoff)}"
+        out += f"; {verb} {rep.rows} row(s) and {rep.events} intake event(s) from before {store.iso(rep.rows_cutoff)}"
     else:
         out += "; rows kept"
     return out

@@ -42,10 +42,11 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, TypeGuard
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     # bool is an int subclass; a JSON true where a count belongs is a mistake, not a 1.
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -146,7 +147,9 @@ class _Checker:
             raise self.fail(fld, f"must be a non-empty string (got {v!r})")
         return v
 
-    def choice(self, parent: Mapping[str, Any], key: str, fld: str, choices: tuple[str, ...], *, default: str | None = None) -> str:
+    def choice(
+        self, parent: Mapping[str, Any], key: str, fld: str, choices: tuple[str, ...], *, default: str | None = None
+    ) -> str:
         if key not in parent and default is not None:
             return default
         v = parent.get(key)
@@ -162,7 +165,9 @@ class _Checker:
             raise self.fail(fld, f"must be a positive integer (got {got})")
         return int(v)
 
-    def numbers(self, parent: Mapping[str, Any], key: str, fld: str, channels: int, *, positive: bool) -> tuple[float, ...]:
+    def numbers(
+        self, parent: Mapping[str, Any], key: str, fld: str, channels: int, *, positive: bool
+    ) -> tuple[float, ...]:
         v = parent.get(key)
         what = "positive" if positive else "finite"
         ok = (
@@ -173,7 +178,7 @@ class _Checker:
         if not ok:
             got = "missing" if key not in parent else repr(v)
             raise self.fail(fld, f"must be a list of 1 or {channels} (input.channels) {what} numbers (got {got})")
-        vals = tuple(float(x) for x in v)
+        vals = tuple(float(x) for x in v)  # type: ignore[union-attr]  # a list or tuple: checked above
         return vals * channels if len(vals) == 1 else vals
 
 
@@ -223,7 +228,7 @@ class ModelCard:
         return (self.channels, self.input_size[0], self.input_size[1])
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike[str], verify_hash: bool = True) -> "ModelCard":
+    def load(cls, model_dir: str | os.PathLike[str], verify_hash: bool = True) -> ModelCard:
         """Read and validate ``model_dir/model.json`` and check that the IR files exist.
 
         With ``verify_hash`` (the default) the SHA-256 of the ``.bin`` is compared with
@@ -263,7 +268,7 @@ class ModelCard:
         return card
 
     @classmethod
-    def _from_dict(cls, data: Any, model_dir: Path, source: str, card_path: Path | None = None) -> "ModelCard":
+    def _from_dict(cls, data: Any, model_dir: Path, source: str, card_path: Path | None = None) -> ModelCard:
         """Validate a parsed card; ``source`` prefixes error messages.  Does not touch the IR files."""
         chk = _Checker(source)
         if not isinstance(data, Mapping):
@@ -272,7 +277,9 @@ class ModelCard:
         schema = data.get("schema")
         if not _is_int(schema) or schema != SCHEMA_VERSION:
             got = "missing" if "schema" not in data else repr(schema)
-            raise chk.fail("schema", f"must be {SCHEMA_VERSION} (got {got}); this worker reads schema {SCHEMA_VERSION} only")
+            raise chk.fail(
+                "schema", f"must be {SCHEMA_VERSION} (got {got}); this worker reads schema {SCHEMA_VERSION} only"
+            )
 
         name = chk.string(data, "name", "name")
         version = chk.string(data, "version", "version")
@@ -413,7 +420,9 @@ def write_card(model_dir: str | os.PathLike[str], card_dict: Mapping[str, Any]) 
     finally:
         if tmp.exists():
             tmp.unlink()
-    log.info("wrote %s (%s %s, bin sha256 %s)", card_path, data.get("name"), data.get("version"), files["bin_sha256"][:12])
+    log.info(
+        "wrote %s (%s %s, bin sha256 %s)", card_path, data.get("name"), data.get("version"), files["bin_sha256"][:12]
+    )
     return card_path
 
 

@@ -47,9 +47,11 @@ def _metrics_table(card: ModelCard) -> list[str]:
         rows.append(cells)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     split = m.get("split", "test")
-    out = [f"metrics on the {split} split (n = {m.get('n', '-')}, {deployed}; accuracy, sensitivity, specificity in %):"]
+    out = [
+        f"metrics on the {split} split (n = {m.get('n', '-')}, {deployed}; accuracy, sensitivity, specificity in %):"
+    ]
     for r in [head, ["-" * w for w in widths], *rows]:
-        out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return out
 
 
@@ -90,9 +92,9 @@ def summary_lines(card: ModelCard) -> list[str]:
     if raw.get("created"):
         out.append(f"created: {raw['created']}")
     out += _metrics_table(card)
-    training = raw.get("training") if isinstance(raw.get("training"), Mapping) else {}
-    config = training.get("config") if isinstance(training.get("config"), Mapping) else {}
-    experiment = config.get("experiment") if isinstance(config.get("experiment"), Mapping) else {}
+    training = _mapping(raw.get("training"))
+    config = _mapping(training.get("config"))
+    experiment = _mapping(config.get("experiment"))
     if experiment.get("note") or training.get("best_epoch") is not None:
         parts = [str(experiment["note"])] if experiment.get("note") else []
         if training.get("best_epoch") is not None:
@@ -100,3 +102,8 @@ def summary_lines(card: ModelCard) -> list[str]:
         out.append("training: " + "; ".join(parts))
     out += _licences(card)
     return out
+
+
+def _mapping(v: Any) -> Mapping[str, Any]:
+    """``v`` when it is a mapping (a card section), else an empty one."""
+    return v if isinstance(v, Mapping) else {}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker import audit as audit_log
-from worker import jobs, listener
+from worker import listener, store
 from worker.settings import Settings, SettingsError
 from worker.spool import Spool
 
@@ -49,7 +49,7 @@ def sd_notify(message: str) -> bool:
         return False
 
 
-def open_storage(settings: Settings) -> tuple[jobs.Database, Spool]:
+def open_storage(settings: Settings) -> tuple[store.Database, Spool]:
     """Create the data folder, open (and migrate) the database, open the spool."""
     st = settings.storage
     if st.database_url is None:
@@ -59,7 +59,7 @@ def open_storage(settings: Settings) -> tuple[jobs.Database, Spool]:
             st.data_dir.chmod(0o700)
         except OSError:
             log.warning("could not make %s private (0700)", st.data_dir)
-    db = jobs.Database.open(st.url)
+    db = store.Database.open(st.url)
     if st.database_url is None:  # our SQLite files: private to the service user, whatever the umask
         for suffix in ("", "-wal", "-shm"):
             f = st.data_dir / f"triage.db{suffix}"
@@ -84,7 +84,7 @@ def model_dir(settings: Settings) -> Path:
     return path
 
 
-def load_engine(settings: Settings) -> "Engine":
+def load_engine(settings: Settings) -> Engine:
     """The model of :func:`model_dir`, compiled."""
     from worker.engine import Engine
     from worker.priority import PriorityMap
@@ -92,7 +92,8 @@ def load_engine(settings: Settings) -> "Engine":
     engine = Engine(model_dir(settings), precision=settings.model.precision)
     PriorityMap.build(engine.card, settings.triage.priorities, settings.triage.thresholds)  # fail at start-up
     if settings.send.heatmap and engine.heatmap is None:
-        log.warning("send.heatmap is on, but no heatmap Secondary Captures will be sent: %s", engine.heatmap_unavailable)
+        log.warning("send.heatmap is on, but no heatmap Secondary Captures will be sent: %s",
+                    engine.heatmap_unavailable)
     return engine
 
 
@@ -102,11 +103,11 @@ class Node:
 
     settings: Settings
     batch: bool = True
-    db: jobs.Database | None = None
+    db: store.Database | None = None
     spool: Spool | None = None
-    engine: "Engine | None" = None
+    engine: Engine | None = None
     server: Any = None
-    scheduler: "BatchScheduler | None" = None
+    scheduler: BatchScheduler | None = None
     health: Any = None
     web: Any = None
     audit: audit_log.AuditLog = field(default_factory=lambda: audit_log.NULL)
@@ -121,7 +122,10 @@ class Node:
         if self.batch:
             self.engine = load_engine(self.settings)  # fail before opening a port
             log.info(
-                "model %s %s loaded (precision %s)", self.engine.card.name, self.engine.card.version, self.engine.precision
+                "model %s %s loaded (precision %s)",
+                self.engine.card.name,
+                self.engine.card.version,
+                self.engine.precision,
             )
         self.db, self.spool = open_storage(self.settings)
         self.audit = audit_log.AuditLog(self.settings.storage.audit_path)
@@ -180,7 +184,9 @@ class Node:
 
         config_sha = audit_log.fingerprint(dataclasses.asdict(self.settings))
         card = self.engine.card if self.engine is not None else None
-        model = {"model_name": card.name, "model_version": card.version, "model_sha256": card.bin_sha256} if card else {}
+        model = (
+            {"model_name": card.name, "model_version": card.version, "model_sha256": card.bin_sha256} if card else {}
+        )
         last = self.audit.last("node_started")
         if last is not None and last.get("config_sha256") != config_sha:
             self.audit.record("config_changed", previous=last.get("config_sha256"), current=config_sha)

@@ -72,10 +72,14 @@ def _uid(kind: str, *parts: str) -> UID:
     return UID(f"2.25.{uuid.uuid5(_NAMESPACE, name).int}")
 
 
-def heatmap_uids(source_sop_instance_uid: str, study_instance_uid: str, model_name: str, model_version: str) -> tuple[UID, UID]:
+def heatmap_uids(
+    source_sop_instance_uid: str, study_instance_uid: str, model_name: str, model_version: str
+) -> tuple[UID, UID]:
     """``(series UID, instance UID)`` of the heatmap SC: one series per study and model version."""
-    return (_uid("heatmap-series", str(study_instance_uid), model_name, model_version),
-            _uid("heatmap-instance", str(source_sop_instance_uid), model_name, model_version))
+    return (
+        _uid("heatmap-series", str(study_instance_uid), model_name, model_version),
+        _uid("heatmap-instance", str(source_sop_instance_uid), model_name, model_version),
+    )
 
 
 # --------------------------------------------------------------------------- pixels
@@ -136,8 +140,9 @@ def _legend(width: int, scale: int) -> Image.Image:
     note = "Grad-CAM: where the model looked, not a finding"
     while len(note) > 4 and draw.textlength(note, font=font) > small.width - 4:
         note = note[:-4] + "..."
-    draw.text((max(2, (small.width - int(draw.textlength(note, font=font))) // 2), 14), note,
-              fill=(255, 255, 255), font=font)
+    draw.text(
+        (max(2, (small.width - int(draw.textlength(note, font=font))) // 2), 14), note, fill=(255, 255, 255), font=font
+    )
     return small.resize((small.width * scale, small.height * scale), Image.Resampling.NEAREST)
 
 
@@ -152,8 +157,11 @@ def _crop(grey: np.ndarray, crop: str) -> np.ndarray:
 
 
 def overlay_pixels(
-    grey8: np.ndarray, cams: Mapping[str, np.ndarray], probabilities: Mapping[str, float],
-    banner: Sequence[str], crop: str = "center_square",
+    grey8: np.ndarray,
+    cams: Mapping[str, np.ndarray],
+    probabilities: Mapping[str, float],
+    banner: Sequence[str],
+    crop: str = "center_square",
 ) -> np.ndarray:
     """``(rows, cols, 3)`` uint8: banner, one captioned overlay panel per class in ``cams`` (in its
     order), legend; the long side is at most :data:`MAX_SIDE`."""
@@ -166,7 +174,9 @@ def overlay_pixels(
     # stay legible), large ones reduced; n panels side by side fit MAX_SIDE
     side = int(min(max(max(view.shape), 320), 512, (MAX_SIDE - gap * (n - 1)) // n))
     vh, vw = view.shape
-    ph, pw = (side, side) if vh == vw else (max(1, round(side * vh / max(vh, vw))), max(1, round(side * vw / max(vh, vw))))
+    ph, pw = (
+        (side, side) if vh == vw else (max(1, round(side * vh / max(vh, vw))), max(1, round(side * vw / max(vh, vw))))
+    )
     width = pw * n + gap * (n - 1)
     scale = int(max(1, min(3, width // 250)))
     top = _text_block(list(banner), width, scale)
@@ -193,7 +203,9 @@ def overlay_pixels(
         y += part.height
     if max(canvas.size) > MAX_SIDE:  # very tall banners on tiny images: shrink the whole
         k = MAX_SIDE / max(canvas.size)
-        canvas = canvas.resize((max(1, round(canvas.width * k)), max(1, round(canvas.height * k))), Image.Resampling.LANCZOS)
+        canvas = canvas.resize(
+            (max(1, round(canvas.width * k)), max(1, round(canvas.height * k))), Image.Resampling.LANCZOS
+        )
     return np.asarray(canvas, dtype=np.uint8)
 
 
@@ -201,8 +213,12 @@ def overlay_pixels(
 
 
 def build_heatmap_sc(
-    source: Dataset, result: TriageResult, cams: Mapping[str, np.ndarray], *,
-    crop: str = "center_square", now: datetime | None = None,
+    source: Dataset,
+    result: TriageResult,
+    cams: Mapping[str, np.ndarray],
+    *,
+    crop: str = "center_square",
+    now: datetime | None = None,
 ) -> Dataset:
     """The heatmap Secondary Capture of ``source`` (see the module docstring).
 
@@ -211,12 +227,16 @@ def build_heatmap_sc(
     Raises :class:`worker.imaging.PixelError` when the source pixels cannot be read, ValueError
     when the source lacks its UIDs (as ``build_sc``)."""
     ds = build_sc(source, result, now=now)  # the header of the banner SC; pixels replaced below
-    series, instance = heatmap_uids(str(source.SOPInstanceUID), str(source.StudyInstanceUID),
-                                    result.model_name, result.model_version)
+    series, instance = heatmap_uids(
+        str(source.SOPInstanceUID), str(source.StudyInstanceUID), result.model_name, result.model_version
+    )
     spec = PreprocessSpec()
     grey = np.ascontiguousarray(to_grey8(source, decode(source, spec), spec), dtype=np.uint8)
-    banner = [HEATMAP_DISCLAIMER, f"model: {result.model_name} {result.model_version}",
-              f"prediction: {result.predicted_class} (P={result.probability:.2f}), priority {result.priority.upper()}"]
+    banner = [
+        HEATMAP_DISCLAIMER,
+        f"model: {result.model_name} {result.model_version}",
+        f"prediction: {result.predicted_class} (P={result.probability:.2f}), priority {result.priority.upper()}",
+    ]
     pixels = overlay_pixels(grey, cams, result.probabilities, banner, crop)
     ds.SOPInstanceUID = instance
     ds.file_meta.MediaStorageSOPInstanceUID = instance
@@ -233,8 +253,14 @@ def build_heatmap_sc(
     ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    log.debug("built heatmap SC %s (%dx%d, %s) for source %s", instance, ds.Columns, ds.Rows, ",".join(cams),
-              source.SOPInstanceUID)
+    log.debug(
+        "built heatmap SC %s (%dx%d, %s) for source %s",
+        instance,
+        ds.Columns,
+        ds.Rows,
+        ",".join(cams),
+        source.SOPInstanceUID,
+    )
     return ds
 
 
@@ -251,9 +277,16 @@ def reference_in_sr(sr: Dataset, sc: Dataset) -> Dataset:
     Evaluations container and the SC to PertinentOtherEvidenceSequence (C.17.2.3).  The container
     is copied first: ``build_sr`` may share it with its cache."""
     content = sr.ContentSequence
-    at = next((i for i, item in enumerate(content) if "ConceptNameCodeSequence" in item
-               and (item.ConceptNameCodeSequence[0].CodeValue, item.ConceptNameCodeSequence[0].CodingSchemeDesignator)
-               == _QUALITATIVE_EVALUATIONS), None)
+    at = next(
+        (
+            i
+            for i, item in enumerate(content)
+            if "ConceptNameCodeSequence" in item
+            and (item.ConceptNameCodeSequence[0].CodeValue, item.ConceptNameCodeSequence[0].CodingSchemeDesignator)
+            == _QUALITATIVE_EVALUATIONS
+        ),
+        None,
+    )
     if at is None:
         raise ValueError("the SR has no Qualitative Evaluations container to reference the heatmap from")
     container = copy.deepcopy(content[at])

@@ -1,7 +1,9 @@
 """The batch pipeline: claim -> read -> filter -> preprocess -> infer -> build result -> store -> send.
 
-``run_batch`` reads top to bottom as one function on purpose: it is the whole life of a job
-after intake. It shares nothing with the listener but the database and the spool.
+``run_batch`` reads as its steps, the whole life of a job after intake: claim, then per job
+read, filter and preprocess (``_prepare``), infer the batch, build each result, store everything
+in one commit, send. Each stage's time is measured by one :class:`StageClock`. It shares nothing
+with the listener but the database and the spool.
 
 Where a job ends:
 
@@ -23,9 +25,10 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable
-from io import BytesIO
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from io import BytesIO
 
 import numpy as np
 from pydicom import dcmread
@@ -33,12 +36,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from worker import audit as audit_log
-from worker import filters, heatmap, imaging, jobs, overlay, results, sender
+from worker import filters, heatmap, imaging, overlay, results, sender, store
 from worker.engine import Engine
-from worker.jobs import Outcome, State
 from worker.priority import PriorityMap
 from worker.settings import Destination, Settings
 from worker.spool import Spool, SpoolError
+from worker.store import Outcome, State
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def reclaim_dead_leases(db: jobs.Database, audit: audit_log.AuditLog = audit_log.NULL) -> int:
+def reclaim_dead_leases(db: store.Database, audit: audit_log.AuditLog = audit_log.NULL) -> int:
     """At start: take back at once the jobs leased by an earlier process of this host that is
     gone (crash, SIGKILL), instead of after ``batch.lease_seconds``; returns how many."""
-    found = jobs.reclaim_dead_leases(db, socket.gethostname(), _pid_alive, exclude=_OWN_OWNERS)
+    found = store.reclaim_dead_leases(db, socket.gethostname(), _pid_alive, exclude=_OWN_OWNERS)
     for owner, n in found.items():
         log.info("took back %d job(s) leased by %s, a process of this host that is gone", n, owner)
         audit.record("leases_reclaimed", owner=owner, jobs=n)
@@ -95,7 +98,7 @@ class BatchReport:
     #: Nothing was claimed because the spool is below its free-space reserve.
     disk_reserve_reached: bool = False
 
-    def add(self, other: "BatchReport") -> None:
+    def add(self, other: BatchReport) -> None:
         self.storage_errors += other.storage_errors
         self.disk_reserve_reached = self.disk_reserve_reached or other.disk_reserve_reached
         self.claimed += other.claimed
@@ -107,8 +110,65 @@ class BatchReport:
             self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
 
 
+#: The stages of a batch, in order: each has its seconds in ``BatchReport.stage_seconds``.
+STAGES = ("claim", "read", "filter", "preprocess", "infer", "build", "store", "send")
+
+
+class StageClock:
+    """Seconds per stage of one batch: ``with clock("read"): ...`` adds the block's wall time
+    (``time.perf_counter``) to that stage, however the block ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t
+
+
+@dataclass
+class _Ready:
+    """A job read, filtered and preprocessed: what inference and the result builders need."""
+
+    job: store.Claimed
+    ds: Dataset
+    tensor: np.ndarray
+    timing: dict[str, float]
+
+
+@dataclass
+class _Batch:
+    """One batch on its way: what every step reads (model, settings, spool) and what the steps
+    decide (one outcome per job, the deliveries of the done ones)."""
+
+    engine: Engine
+    settings: Settings
+    spool: Spool
+    claimed: list[store.Claimed]
+    #: previous results of re-screened jobs (cxr-triage rescreen): one by this very model version
+    #: whose objects are still in the spool is sent again as it is (same UIDs, same bytes)
+    previous: dict[int, store.PreviousResult]
+    pmap: PriorityMap
+    spec: imaging.PreprocessSpec
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    deliveries: dict[int, list[store.NewDelivery]] = field(default_factory=dict)
+    #: re-screened jobs whose stored result objects are sent again as they are
+    reused: set[int] = field(default_factory=set)
+    storage_errors: int = 0
+    #: issue 17: heatmap SCs when asked for and the model can give them (load_engine logs why not)
+    with_heatmaps: bool = False
+
+    def end(self, job: store.Claimed, state: State, reason: str, timing: dict[str, float] | None = None) -> None:
+        """The outcome of a job that is not screened (skipped, or failed with ``reason``)."""
+        self.outcomes[job.id] = Outcome(job.id, state, reason, timings=timing)
+
+
 def run_batch(
-    db: jobs.Database,
+    db: store.Database,
     spool: Spool,
     engine: Engine,
     settings: Settings,
@@ -119,209 +179,247 @@ def run_batch(
 ) -> BatchReport:
     """Claim up to ``batch.size`` jobs and take each to done, skipped or failed.
 
-    Result objects are sent at the end of the batch, unless ``on_results`` is given: then it is
-    called once they are committed, and sending is left to a :class:`worker.sender.BackgroundSender`.
+    Result objects are sent at the end of the batch by ``on_results`` when given (it wakes a
+    :class:`worker.sender.BackgroundSender`), else by :func:`worker.sender.send_due` inline.
     """
-    t_start = time.perf_counter()
-    stage = {"claim": 0.0, "read": 0.0, "filter": 0.0, "preprocess": 0.0, "infer": 0.0, "build": 0.0, "store": 0.0,
-             "send": 0.0}
-    card = engine.card
-    pmap = PriorityMap.build(card, settings.triage.priorities, settings.triage.thresholds)
-    spec = imaging.PreprocessSpec.from_card(engine.card.raw)
-    spec = imaging.PreprocessSpec(**{**spec.__dict__, "max_bytes": settings.model.max_image_mb * 2**20})
-    # issue 17: heatmap SCs when asked for and the model can give them (load_engine logs why not)
-    with_heatmaps = settings.send.heatmap and engine.heatmap is not None
-
-    # 0. no claim while the spool is below its reserve: each result object needs room, and a
-    # batch that fails on a full disk would spend every job's attempts in seconds.
+    t_start, clock = time.perf_counter(), StageClock()
+    pmap, spec = _model_rules(engine, settings)  # before any claim: a card they reject claims nothing
+    send = on_results or (lambda: sender.send_due(db, spool, settings, audit=audit))
+    # no claim while the spool is below its reserve: each result object needs room, and a batch
+    # that fails on a full disk would spend every job's attempts in seconds.
     if not spool.has_room():
         log.warning("spool below its free-space reserve (%d MB): no batch until space is freed",
                     settings.storage.disk_reserve_mb)
-        return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=stage, disk_reserve_reached=True)
-
-    # 1. claim
-    t = time.perf_counter()
-    claimed = jobs.claim_batch(db, settings.batch.size, owner, settings.batch.lease_seconds)
-    stage["claim"] += time.perf_counter() - t
+        return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=clock.seconds,
+                           disk_reserve_reached=True)
+    with clock("claim"):
+        claimed = store.claim_batch(db, settings.batch.size, owner, settings.batch.lease_seconds)
     if not claimed:
-        return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=stage)
+        return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=clock.seconds)
+    b = _Batch(engine, settings, spool, claimed, store.previous_results(db, [j.id for j in claimed]), pmap, spec,
+               with_heatmaps=settings.send.heatmap and engine.heatmap is not None)
+    ready = [r for job in claimed if (r := _prepare(b, job, clock)) is not None]
+    with clock("infer"):
+        scored, per_image_ms = _infer(b, ready)
+    with clock("build"):
+        for item, probs, maps in scored:
+            _build(b, item, probs, per_image_ms, maps)
+    with clock("store"):
+        applied = _commit(db, owner, b)
+    _audit_finished(audit, b, applied)
+    with clock("send"):
+        if b.deliveries:
+            send()
+    return _report(audit, b, time.perf_counter() - t_start, clock.seconds)
 
-    outcomes: dict[int, Outcome] = {}
-    ready: list[tuple[jobs.Claimed, Dataset, np.ndarray, dict[str, float]]] = []
-    # re-screened jobs (cxr-triage rescreen) whose result by this very model version is still in
-    # the spool: that object is sent again as it is (same UIDs, same bytes), not rebuilt
-    previous = jobs.previous_results(db, [job.id for job in claimed])
-    deliveries: dict[int, list[jobs.NewDelivery]] = {}
-    reused: set[int] = set()
-    for job in claimed:
-        timing: dict[str, float] = {}
 
-        # 2. read the stored object (pixels stay encoded until preprocess)
-        t = time.perf_counter()
-        try:
-            ds = dcmread(spool.path(job.path))
-        except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
-            outcomes[job.id] = Outcome(job.id, State.SKIPPED, f"stored object is not readable DICOM: {exc}")
-            continue
-        except OSError as exc:
-            outcomes[job.id] = Outcome(job.id, State.FAILED, f"stored file could not be read: {exc.strerror or exc}")
-            continue
-        timing["read_ms"] = (time.perf_counter() - t) * 1e3
-        stage["read"] += time.perf_counter() - t
-        cut = _truncated_element(ds)
-        if cut:
-            outcomes[job.id] = Outcome(job.id, State.SKIPPED, cut, timings=timing)
-            continue
+def _model_rules(engine: Engine, settings: Settings) -> tuple[PriorityMap, imaging.PreprocessSpec]:
+    """The triage rule and the preprocessing of this model (its card, with the node's settings)."""
+    card = engine.card
+    spec = imaging.PreprocessSpec.from_card(card.raw)
+    spec = imaging.PreprocessSpec(**{**spec.__dict__, "max_bytes": settings.model.max_image_mb * 2**20})
+    return PriorityMap.build(card, settings.triage.priorities, settings.triage.thresholds), spec
 
-        # 3. filter: is this a frontal chest radiograph we can read?
-        t = time.perf_counter()
+
+def _prepare(b: _Batch, job: store.Claimed, clock: StageClock) -> _Ready | None:
+    """Read the stored object, check it, preprocess it; None when the job ended here (its outcome
+    recorded) or its stored result is sent again."""
+    timing: dict[str, float] = {}
+    with clock("read"):
+        ds = _read(b, job, timing)
+    if ds is None:
+        return None
+    cut = _truncated_element(ds)
+    if cut:
+        b.end(job, State.SKIPPED, cut, timing)
+        return None
+    with clock("filter"):  # is this a frontal chest radiograph we can read?
         reason = filters.check(ds)
-        stage["filter"] += time.perf_counter() - t
-        if reason:
-            outcomes[job.id] = Outcome(job.id, State.SKIPPED, reason, timings=timing)
-            continue
-        same = _same_version_result(job, ds, previous.get(job.id), card, spool, settings, with_heatmaps)
-        if same is not None:
-            prev, items = same
-            deliveries[job.id] = items
-            reused.add(job.id)
-            outcomes[job.id] = Outcome(
-                job.id, State.DONE, predicted_class=prev.predicted_class, probabilities=prev.probabilities,
-                priority=prev.priority, triage_reason=prev.triage_reason,
-                timings={k: round(v, 3) for k, v in timing.items()},
-            )
-            continue
+    if reason:
+        b.end(job, State.SKIPPED, reason, timing)
+        return None
+    if _reuse(b, job, ds, timing):
+        return None
+    with clock("preprocess"):
+        tensor = _preprocess(b, job, ds, timing)
+    return None if tensor is None else _Ready(job, ds, tensor, timing)
 
-        # 4. preprocess: the same code training uses
-        t = time.perf_counter()
-        try:
-            tensor = imaging.preprocess(ds, spec, timings=timing)
-        except imaging.PixelError as exc:
-            outcomes[job.id] = Outcome(job.id, State.SKIPPED, f"pixel data: {exc}", timings=timing)
-            continue
-        except MemoryError:
-            outcomes[job.id] = Outcome(job.id, State.SKIPPED, "pixel data too large to decode", timings=timing)
-            continue
-        except Exception as exc:  # a decoder bug or an input we did not foresee
-            log.exception("preprocessing %s failed", job.sop_instance_uid)
-            outcomes[job.id] = Outcome(job.id, State.FAILED, f"preprocessing error: {type(exc).__name__}: {exc}")
-            continue
-        if not (settings.send.secondary_capture or with_heatmaps):
-            del ds.PixelData  # the SR needs the header only; keep memory flat
-        # preprocess_ms: LUTs, crop, resize, normalisation (decode_ms, measured inside, excluded)
-        timing["preprocess_ms"] = (time.perf_counter() - t) * 1e3 - timing.get("decode_ms", 0.0)
-        stage["preprocess"] += time.perf_counter() - t
-        ready.append((job, ds, tensor, timing))
 
-    # 5. infer the batch
-    probs_rows: list[dict[str, float]] = []
-    maps_rows: list[list[np.ndarray]] = []
-    if ready:
-        t = time.perf_counter()
-        try:
-            if with_heatmaps:  # the same inference, with the feature maps kept
-                rows, maps_rows = engine.infer_maps(np.stack([x for _, _, x, _ in ready]))
-                probs_rows = [dict(zip(card.classes, map(float, row))) for row in rows]
-            else:
-                probs_rows = engine.probabilities(np.stack([x for _, _, x, _ in ready]))
-        except Exception as exc:
-            log.exception("inference failed for a batch of %d", len(ready))
-            for job, _, _, _ in ready:
-                outcomes[job.id] = Outcome(job.id, State.FAILED, f"inference failed: {type(exc).__name__}: {exc}")
-            ready = []
-        stage["infer"] += time.perf_counter() - t
-        per_image_ms = (time.perf_counter() - t) * 1e3 / max(len(ready), 1)
-
-    # 6. triage each image and build its result objects (durable in the spool before the commit)
-    storage_errors = 0
-    destinations = settings.result_destinations
+def _read(b: _Batch, job: store.Claimed, timing: dict[str, float]) -> Dataset | None:
+    """The stored object (pixels stay encoded until preprocess), or None with the job ended."""
     t = time.perf_counter()
-    for i_ready, ((job, ds, _, timing), probs) in enumerate(zip(ready, probs_rows)):
-        timing["infer_ms"] = per_image_ms
-        decision = pmap.decide(probs)
-        predicted = max(probs, key=probs.__getitem__)
-        rounded = {k: round(float(v), 6) for k, v in probs.items()}
-        result = results.TriageResult(
-            predicted_class=predicted, probabilities=rounded, priority=decision.priority,
-            triage_reason=decision.reason, thresholds=pmap.thresholds, model_name=card.name,
-            model_version=card.version, model_sha256=card.bin_sha256, model_precision=engine.precision,
-        )
-        tb = time.perf_counter()
-        try:
-            objects = [("sr", results.build_sr(ds, result))]
-            if settings.send.secondary_capture:
-                objects.append(("sc", results.build_sc(ds, result)))
-            if with_heatmaps:
-                hsc = _heatmap_sc(engine, ds, result, maps_rows[i_ready], spec, timing)
-                if hsc is not None:
-                    overlay.reference_in_sr(objects[0][1], hsc)
-                    objects.append(("heatmap", hsc))
-            items: list[jobs.NewDelivery] = []
-            for kind, obj in objects:
-                rel = Spool.result_relpath_for(str(obj.SOPInstanceUID))
-                spool.write(rel, _encode(obj))
-                items += [
-                    jobs.NewDelivery(d.name, kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), rel)
-                    for d in destinations if not d.message_based
-                ]
-            items += _messages(ds, result, objects[0][1], [d for d in destinations if d.message_based], spool)
-        except SpoolError as exc:
-            storage_errors += 1
-            outcomes[job.id] = Outcome(job.id, State.FAILED, f"could not store result object: {exc.strerror}")
-            continue
-        except Exception as exc:  # a source header the result builder cannot use
-            log.exception("building the result of %s failed", job.sop_instance_uid)
-            outcomes[job.id] = Outcome(job.id, State.FAILED, f"could not build result: {type(exc).__name__}: {exc}")
-            continue
-        timing["build_ms"] = (time.perf_counter() - tb) * 1e3
-        deliveries[job.id] = items
-        outcomes[job.id] = Outcome(
-            job.id, State.DONE, predicted_class=predicted, probabilities=rounded, priority=decision.priority,
-            triage_reason=decision.reason, timings={k: round(v, 3) for k, v in timing.items()},
-        )
-    stage["build"] += time.perf_counter() - t
+    try:
+        ds: Dataset = dcmread(b.spool.path(job.path))
+    except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
+        b.end(job, State.SKIPPED, f"stored object is not readable DICOM: {exc}")
+        return None
+    except OSError as exc:
+        b.end(job, State.FAILED, f"stored file could not be read: {exc.strerror or exc}")
+        return None
+    timing["read_ms"] = (time.perf_counter() - t) * 1e3
+    return ds
 
-    # 7. store results, deliveries and states in one commit
-    t = time.perf_counter()
-    applied = jobs.finish(
-        db,
-        owner,
-        outcomes.values(),
-        deliveries=deliveries,
-        model_name=card.name,
-        model_version=card.version,
-        model_precision=engine.precision,
-        max_attempts=settings.batch.max_attempts,
+
+def _reuse(b: _Batch, job: store.Claimed, ds: Dataset, timing: dict[str, float]) -> bool:
+    """True when the job's stored result objects by this model version are sent again as they are."""
+    same = _same_version_result(job, ds, b.previous.get(job.id), b.engine.card, b.spool, b.settings, b.with_heatmaps)
+    if same is None:
+        return False
+    prev, kept = same
+    b.deliveries[job.id] = kept
+    b.reused.add(job.id)
+    b.outcomes[job.id] = Outcome(
+        job.id, State.DONE, predicted_class=prev.predicted_class, probabilities=prev.probabilities,
+        priority=prev.priority, triage_reason=prev.triage_reason,
+        timings={k: round(v, 3) for k, v in timing.items()},
     )
-    stage["store"] += time.perf_counter() - t
-    uids = {job.id: job.sop_instance_uid for job in claimed}
-    for o in outcomes.values():
+    return True
+
+
+def _preprocess(b: _Batch, job: store.Claimed, ds: Dataset, timing: dict[str, float]) -> np.ndarray | None:
+    """The model input (the same code training uses), or None with the job ended."""
+    t = time.perf_counter()
+    try:
+        tensor = imaging.preprocess(ds, b.spec, timings=timing)
+    except imaging.PixelError as exc:
+        b.end(job, State.SKIPPED, f"pixel data: {exc}", timing)
+        return None
+    except MemoryError:
+        b.end(job, State.SKIPPED, "pixel data too large to decode", timing)
+        return None
+    except Exception as exc:  # a decoder bug or an input we did not foresee
+        log.exception("preprocessing %s failed", job.sop_instance_uid)
+        b.end(job, State.FAILED, f"preprocessing error: {type(exc).__name__}: {exc}")
+        return None
+    if not (b.settings.send.secondary_capture or b.with_heatmaps):
+        del ds.PixelData  # the SR needs the header only; keep memory flat
+    # preprocess_ms: LUTs, crop, resize, normalisation (decode_ms, measured inside, excluded)
+    timing["preprocess_ms"] = (time.perf_counter() - t) * 1e3 - timing.get("decode_ms", 0.0)
+    return tensor
+
+
+def _infer(
+    b: _Batch, ready: list[_Ready]
+) -> tuple[list[tuple[_Ready, dict[str, float], list[np.ndarray] | None]], float]:
+    """Probabilities (and, for heatmaps, the feature maps of the same inference) per ready job,
+    and the inference time per image in ms. A failed batch (or a model that returns fewer rows
+    than it was given) fails every job of it, none left running."""
+    if not ready:
+        return [], 0.0
+    t = time.perf_counter()
+    batch = np.stack([r.tensor for r in ready])
+    scored: list[tuple[_Ready, dict[str, float], list[np.ndarray] | None]]
+    try:
+        if b.with_heatmaps:
+            rows, maps_rows = b.engine.infer_maps(batch)
+            classes = b.engine.card.classes
+            probs = [dict(zip(classes, map(float, row), strict=True)) for row in rows]
+            scored = list(zip(ready, probs, maps_rows, strict=True))
+        else:
+            scored = [(r, p, None) for r, p in zip(ready, b.engine.probabilities(batch), strict=True)]
+    except Exception as exc:
+        log.exception("inference failed for a batch of %d", len(ready))
+        for r in ready:
+            b.end(r.job, State.FAILED, f"inference failed: {type(exc).__name__}: {exc}")
+        scored = []
+    return scored, (time.perf_counter() - t) * 1e3 / max(len(scored), 1)
+
+
+def _build(
+    b: _Batch, item: _Ready, probs: dict[str, float], per_image_ms: float, maps: list[np.ndarray] | None = None
+) -> None:
+    """Triage one image and build its result objects, durable in the spool before the commit."""
+    job, ds, timing, card = item.job, item.ds, item.timing, b.engine.card
+    timing["infer_ms"] = per_image_ms
+    decision = b.pmap.decide(probs)
+    predicted = max(probs, key=probs.__getitem__)
+    rounded = {k: round(float(v), 6) for k, v in probs.items()}
+    result = results.TriageResult(
+        predicted_class=predicted, probabilities=rounded, priority=decision.priority,
+        triage_reason=decision.reason, thresholds=b.pmap.thresholds, model_name=card.name,
+        model_version=card.version, model_sha256=card.bin_sha256, model_precision=b.engine.precision,
+    )
+    tb = time.perf_counter()
+    try:
+        items = _result_objects(b, ds, result, maps, timing)
+    except SpoolError as exc:
+        b.storage_errors += 1
+        b.end(job, State.FAILED, f"could not store result object: {exc.strerror}")
+        return
+    except Exception as exc:  # a source header the result builder cannot use
+        log.exception("building the result of %s failed", job.sop_instance_uid)
+        b.end(job, State.FAILED, f"could not build result: {type(exc).__name__}: {exc}")
+        return
+    timing["build_ms"] = (time.perf_counter() - tb) * 1e3
+    b.deliveries[job.id] = items
+    b.outcomes[job.id] = Outcome(
+        job.id, State.DONE, predicted_class=predicted, probabilities=rounded, priority=decision.priority,
+        triage_reason=decision.reason, timings={k: round(v, 3) for k, v in timing.items()},
+    )
+
+
+def _result_objects(
+    b: _Batch, ds: Dataset, result: results.TriageResult, maps: list[np.ndarray] | None = None,
+    timing: dict[str, float] | None = None,
+) -> list[store.NewDelivery]:
+    """SR (and SC, heatmap SC when enabled) and the HL7 / FHIR messages, written to the spool; one
+    delivery per object and destination."""
+    destinations = b.settings.result_destinations
+    objects = [("sr", results.build_sr(ds, result))]
+    if b.settings.send.secondary_capture:
+        objects.append(("sc", results.build_sc(ds, result)))
+    if b.with_heatmaps and maps is not None:
+        hsc = _heatmap_sc(b.engine, ds, result, maps, b.spec, timing if timing is not None else {})
+        if hsc is not None:
+            overlay.reference_in_sr(objects[0][1], hsc)
+            objects.append(("heatmap", hsc))
+    items: list[store.NewDelivery] = []
+    for kind, obj in objects:
+        rel = Spool.result_relpath_for(str(obj.SOPInstanceUID))
+        b.spool.write(rel, _encode(obj))
+        items += [
+            store.NewDelivery(d.name, kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), rel)
+            for d in destinations if not d.message_based
+        ]
+    items += _messages(ds, result, objects[0][1], [d for d in destinations if d.message_based], b.spool)
+    return items
+
+
+def _commit(db: store.Database, owner: str, b: _Batch) -> set[int]:
+    """Results, deliveries and states in one commit; the ids of the jobs whose lease we still held."""
+    card = b.engine.card
+    return store.finish(
+        db, owner, b.outcomes.values(), deliveries=b.deliveries, model_name=card.name,
+        model_version=card.version, model_precision=b.engine.precision,
+        max_attempts=b.settings.batch.max_attempts,
+    )
+
+
+def _audit_finished(audit: audit_log.AuditLog, b: _Batch, applied: set[int]) -> None:
+    """``job_finished`` per job whose outcome counts, ``result_produced`` per delivery of a done one."""
+    uids = {job.id: job.sop_instance_uid for job in b.claimed}
+    for o in b.outcomes.values():
         if o.job_id not in applied:  # lease lost to another worker: its outcome counts, not ours
             continue
         audit.record("job_finished", sop_instance_uid=uids[o.job_id], state=o.state.value, reason=o.reason,
-                     predicted_class=o.predicted_class, priority=o.priority, model_version=card.version)
-        for d in deliveries.get(o.job_id, []) if o.state is State.DONE else []:
+                     predicted_class=o.predicted_class, priority=o.priority, model_version=b.engine.card.version)
+        for d in b.deliveries.get(o.job_id, []) if o.state is State.DONE else []:
             audit.record("result_produced", source_sop_instance_uid=uids[o.job_id], kind=d.kind,
                          sop_instance_uid=d.sop_instance_uid, destination=d.destination,
-                         reused=True if o.job_id in reused else None)
+                         reused=True if o.job_id in b.reused else None)
 
-    # 8. send what is due (this batch's results, and retries that have come due)
-    t = time.perf_counter()
-    if deliveries:
-        if on_results is not None:
-            on_results()
-        else:
-            sender.send_due(db, spool, settings, audit=audit)
-    stage["send"] += time.perf_counter() - t
 
+def _report(audit: audit_log.AuditLog, b: _Batch, seconds: float, stage: dict[str, float]) -> BatchReport:
+    """The batch's counts and times, audited and logged."""
+    outcomes = b.outcomes.values()
     report = BatchReport(
-        claimed=len(claimed),
-        done=sum(o.state is State.DONE for o in outcomes.values()),
-        skipped=sum(o.state is State.SKIPPED for o in outcomes.values()),
-        failed=sum(o.state is State.FAILED for o in outcomes.values()),
-        seconds=time.perf_counter() - t_start,
+        claimed=len(b.claimed),
+        done=sum(o.state is State.DONE for o in outcomes),
+        skipped=sum(o.state is State.SKIPPED for o in outcomes),
+        failed=sum(o.state is State.FAILED for o in outcomes),
+        seconds=seconds,
         stage_seconds=stage,
-        storage_errors=storage_errors,
+        storage_errors=b.storage_errors,
     )
     audit.record("batch_finished", claimed=report.claimed, done=report.done, skipped=report.skipped,
                  failed=report.failed, ms=round(report.seconds * 1e3, 1),
@@ -335,13 +433,13 @@ def run_batch(
 
 def _messages(
     source: Dataset, result: results.TriageResult, sr: Dataset, destinations: list[Destination], spool: Spool
-) -> list[jobs.NewDelivery]:
+) -> list[store.NewDelivery]:
     """One message per HL7 / FHIR destination, written to the spool beside the SR it reports.
 
     The delivery row names the SR's UID (deterministic, so a re-screen replaces the message) and
     the message file; the sender transmits the file as it is, so every retry sends the same bytes.
     """
-    out: list[jobs.NewDelivery] = []
+    out: list[store.NewDelivery] = []
     sr_uid = str(sr.SOPInstanceUID)
     for d in destinations:
         rel = _message_relpath(sr_uid, d)
@@ -354,7 +452,7 @@ def _messages(
 
             data = fhir.build_bundle(source, result, sr_uid)
         spool.write(rel, data)
-        out.append(jobs.NewDelivery(d.name, d.type, str(sr.SOPClassUID), sr_uid, rel))
+        out.append(store.NewDelivery(d.name, d.type, str(sr.SOPClassUID), sr_uid, rel))
     return out
 
 
@@ -377,7 +475,7 @@ def _heatmap_sc(
         shown = heatmap.cam_classes(result.probabilities, result.thresholds, engine.card.classes)
         cams = heatmap.gradcam(engine.heatmap, maps, [engine.card.classes.index(c) for c in shown], spec.size)
         timing["heatmap_ms"] = (time.perf_counter() - t) * 1e3
-        return overlay.build_heatmap_sc(ds, result, dict(zip(shown, cams)), crop=spec.crop)
+        return overlay.build_heatmap_sc(ds, result, dict(zip(shown, cams, strict=True)), crop=spec.crop)
     except Exception as exc:  # noqa: BLE001 - logged; the SR (and banner SC) still go out
         log.warning("heatmap of %s not made (%s: %s); its SR is sent without one",
                     ds.get("SOPInstanceUID", "?"), type(exc).__name__, exc)
@@ -385,9 +483,9 @@ def _heatmap_sc(
 
 
 def _same_version_result(
-    job: jobs.Claimed, ds: Dataset, prev: jobs.PreviousResult | None, card: object, spool: Spool, settings: Settings,
+    job: store.Claimed, ds: Dataset, prev: store.PreviousResult | None, card: object, spool: Spool, settings: Settings,
     with_heatmaps: bool = False,
-) -> tuple[jobs.PreviousResult, list[jobs.NewDelivery]] | None:
+) -> tuple[store.PreviousResult, list[store.NewDelivery]] | None:
     """The deliveries that re-send this job's stored result objects unchanged, when its previous
     result came from the model screening now (name and version) and every object this node sends
     (SR, and SC when enabled) is still in the spool; else None (screen and build anew).
@@ -407,7 +505,7 @@ def _same_version_result(
         kinds.append(("sc", str(uids.sc_instance)))
     if with_heatmaps:
         kinds.append(("heatmap", str(overlay.heatmap_uids(job.sop_instance_uid, study, str(name), str(version))[1])))
-    items: list[jobs.NewDelivery] = []
+    items: list[store.NewDelivery] = []
     for kind, uid in kinds:
         rel = Spool.result_relpath_for(uid)
         try:
@@ -416,14 +514,14 @@ def _same_version_result(
             return None  # gone (purged) or unreadable: build anew
         if str(stored.get("SOPInstanceUID", "")) != uid:
             return None
-        items += [jobs.NewDelivery(d.name, kind, str(stored.SOPClassUID), uid, rel)
+        items += [store.NewDelivery(d.name, kind, str(stored.SOPClassUID), uid, rel)
                   for d in settings.result_destinations if not d.message_based]
         if kind == "sr":
             for d in (d for d in settings.result_destinations if d.message_based):
                 msg = _message_relpath(uid, d)
                 if not spool.path(msg).is_file():
                     return None  # the HL7 / FHIR message was not kept: build anew
-                items.append(jobs.NewDelivery(d.name, d.type, str(stored.SOPClassUID), uid, msg))
+                items.append(store.NewDelivery(d.name, d.type, str(stored.SOPClassUID), uid, msg))
     return prev, items
 
 
@@ -455,7 +553,7 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def drain(
-    db: jobs.Database,
+    db: store.Database,
     spool: Spool,
     engine: Engine,
     settings: Settings,

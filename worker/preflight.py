@@ -71,7 +71,11 @@ def check_folder(setting: str, path: Path) -> None:
             raise StartupError(f"{setting}: {path} is a broken symbolic link")
         probe = probe.parent
     if not probe.is_dir():
-        what = f"{path} is not a folder" if probe == path.expanduser().absolute() else f"{probe} (in {path}) is not a folder"
+        what = (
+            f"{path} is not a folder"
+            if probe == path.expanduser().absolute()
+            else f"{probe} (in {path}) is not a folder"
+        )
         raise StartupError(f"{setting}: {what}")
     if not os.access(probe, os.W_OK | os.X_OK):
         where = path if probe == path.expanduser().absolute() else f"{probe} (to create {path})"
@@ -102,7 +106,10 @@ def check_node(settings: Settings, *, listener: bool = True) -> None:
             check_bind("health", h.bind_address, h.port)
         w = settings.web
         if w.enabled and w.port:
-            for other, port, addr in (("listener", li.port, li.bind_address), ("health", h.port if h.enabled else 0, h.bind_address)):
+            for other, port, addr in (
+                ("listener", li.port, li.bind_address),
+                ("health", h.port if h.enabled else 0, h.bind_address),
+            ):
                 if port and w.port == port and _same_host(w.bind_address, addr):
                     raise StartupError(f"web.port: {w.port} is also {other}.port")
             check_bind("web", w.bind_address, w.port)

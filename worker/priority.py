@@ -41,7 +41,7 @@ class PriorityMap:
         card: ModelCard,
         priorities: Mapping[str, str] | None = None,
         thresholds: Mapping[str, float] | None = None,
-    ) -> "PriorityMap":
+    ) -> PriorityMap:
         """The rules for ``card`` with the ``[triage]`` settings applied.
 
         Raises :class:`ModelCardError` (stopping the node at start-up) when a setting names a

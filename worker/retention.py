@@ -20,17 +20,12 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import delete, exists, func, select
-
 from worker import audit as audit_log
-from worker import jobs
+from worker import store
 from worker.settings import Settings
 from worker.spool import Spool
 
 log = logging.getLogger(__name__)
-
-FINISHED = (jobs.State.DONE.value, jobs.State.SKIPPED.value, jobs.State.FAILED.value)
-
 
 @dataclass
 class PurgeReport:
@@ -45,13 +40,6 @@ class PurgeReport:
     events: int = 0
     cutoff: dt.datetime | None = None
     rows_cutoff: dt.datetime | None = None
-
-
-def _eligible(cutoff: dt.datetime):  # type: ignore[no-untyped-def]
-    """Finished before ``cutoff``, and no delivery that is not sent."""
-    I, D = jobs.Instance, jobs.Delivery
-    unsent = exists().where(D.instance_id == I.id, D.state != jobs.SendState.SENT.value)
-    return (I.state.in_(FINISHED)) & (I.finished_at < cutoff) & ~unsent
 
 
 def _unlink(spool: Spool, relpath: str, dry_run: bool) -> int | None:
@@ -70,7 +58,7 @@ def _unlink(spool: Spool, relpath: str, dry_run: bool) -> int | None:
 
 
 def purge(
-    db: jobs.Database,
+    db: store.Database,
     spool: Spool,
     settings: Settings,
     *,
@@ -83,29 +71,19 @@ def purge(
     """Delete the spooled images and result objects of jobs finished and delivered more than
     ``days`` ago (default ``storage.retention_days``; 0 = none), then the rows finished more than
     ``row_days`` ago (default ``database.retention_days``; 0 = none)."""
-    now = now or jobs.utcnow()
+    now = now or store.utcnow()
     days = settings.storage.retention_days if days is None else days
     row_days = settings.database.retention_days if row_days is None else row_days
     report = PurgeReport(dry_run=dry_run)
     if days > 0:
         report.cutoff = now - dt.timedelta(days=days)
-        with db.sessions() as s:
-            rows = s.execute(
-                select(jobs.Instance.id, jobs.Instance.sop_instance_uid, jobs.Instance.path)
-                .where(_eligible(report.cutoff)).order_by(jobs.Instance.id)
-            ).all()
-            results: dict[int, list[str]] = {}
-            if rows:
-                for d in s.execute(select(jobs.Delivery.instance_id, jobs.Delivery.path)
-                                   .where(jobs.Delivery.instance_id.in_([r.id for r in rows]))):
-                    results.setdefault(d.instance_id, []).append(d.path)
-        for r in rows:
+        for r in store.purgeable(db, report.cutoff):
             files, size = 0, 0
             got = _unlink(spool, r.path, dry_run)
             if got is not None:
                 report.images += 1
                 files, size = files + 1, size + got
-            for rel in dict.fromkeys(results.get(r.id, [])):  # one object, several destinations
+            for rel in dict.fromkeys(r.result_paths):  # one object, several destinations
                 got = _unlink(spool, rel, dry_run)
                 if got is not None:
                     report.results += 1
@@ -117,25 +95,17 @@ def purge(
                     audit.record("object_purged", sop_instance_uid=r.sop_instance_uid, files=files, bytes=size)
     if row_days > 0:
         report.rows_cutoff = now - dt.timedelta(days=row_days)
-        with db.sessions.begin() as s:
-            ids = list(s.scalars(select(jobs.Instance.id).where(_eligible(report.rows_cutoff))))
-            report.rows = len(ids)
-            report.events = int(s.scalar(select(func.count()).where(jobs.IntakeEvent.at < report.rows_cutoff)) or 0)
-            if not dry_run:
-                for rel in s.scalars(select(jobs.Instance.path).where(jobs.Instance.id.in_(ids))):
-                    _unlink(spool, rel, False)  # normally gone already (rows outlive images)
-                for rel in s.scalars(select(jobs.Delivery.path).where(jobs.Delivery.instance_id.in_(ids))):
-                    _unlink(spool, rel, False)
-                s.execute(delete(jobs.Delivery).where(jobs.Delivery.instance_id.in_(ids)))
-                s.execute(delete(jobs.Instance).where(jobs.Instance.id.in_(ids)))
-                s.execute(delete(jobs.IntakeEvent).where(jobs.IntakeEvent.at < report.rows_cutoff))
+        # files of pruned rows are normally gone already (rows outlive images)
+        report.rows, report.events = store.prune_rows(
+            db, report.rows_cutoff, dry_run=dry_run, unlink=lambda rel: _unlink(spool, rel, False)
+        )
         if not dry_run and (report.rows or report.events):
             audit.record("rows_pruned", instances=report.rows, intake_events=report.events,
-                         before=jobs.iso(report.rows_cutoff))
+                         before=store.iso(report.rows_cutoff))
     if not dry_run and (days > 0 or row_days > 0):
         audit.record("purge_finished", jobs=report.jobs, images=report.images, results=report.results,
                      bytes=report.bytes, rows=report.rows, intake_events=report.events,
-                     before=jobs.iso(report.cutoff), rows_before=jobs.iso(report.rows_cutoff))
+                     before=store.iso(report.cutoff), rows_before=store.iso(report.rows_cutoff))
         if report.jobs or report.rows:
             log.info("purge: %d image(s) and %d result object(s) of %d job(s) deleted (%.1f MB); %d row(s) pruned",
                      report.images, report.results, report.jobs, report.bytes / 2**20, report.rows)

@@ -35,7 +35,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from worker import audit as audit_log
-from worker import jobs, pipeline, sender
+from worker import pipeline, sender, store
 from worker.engine import Engine
 from worker.settings import Settings
 from worker.spool import Spool
@@ -84,12 +84,12 @@ class BatchScheduler:
 
     def __init__(
         self,
-        db: jobs.Database,
+        db: store.Database,
         spool: Spool,
         engine: Engine,
         settings: Settings,
         *,
-        clock: Callable[[], dt.datetime] = jobs.utcnow,
+        clock: Callable[[], dt.datetime] = store.utcnow,
         on_batch: Callable[[pipeline.BatchReport], None] | None = None,
         audit: audit_log.AuditLog = audit_log.NULL,
     ) -> None:
@@ -112,7 +112,7 @@ class BatchScheduler:
         """One run: drain the queue (gather window unless ``force``), bounded by max_batch_seconds."""
         if self.stopping.is_set():
             return pipeline.BatchReport()
-        queued, oldest = jobs.queued_summary(self.db)
+        queued, oldest = store.queued_summary(self.db)
         if not force and not should_start(self.settings, queued, oldest, self.clock()):
             return pipeline.BatchReport()
         limit = self.settings.schedule.max_batch_seconds
@@ -156,12 +156,12 @@ class BatchScheduler:
         )
         if self.settings.storage.retention_days or self.settings.database.retention_days:
             self._scheduler.add_job(self._purge, IntervalTrigger(hours=1, timezone="UTC"), id="purge",
-                                    max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.timezone.utc))
+                                    max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
         self.sender.start()
         now = self.clock()
         missed = missed_run(self.settings, now)
         if missed is not None:
-            queued, oldest = jobs.queued_summary(self.db)
+            queued, oldest = store.queued_summary(self.db)
             if queued and oldest is not None and oldest <= missed:
                 log.info("catch-up run: %d image(s) waited through a scheduled run at %s", queued, missed.isoformat())
                 self._scheduler.add_job(self._run, kwargs={"force": True}, id="catch-up", max_instances=1)

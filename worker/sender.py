@@ -15,7 +15,7 @@ as delivered. The association proposes only the presentation contexts the object
 HL7 (worker/hl7.py) and FHIR (worker/fhir.py) messages are files in the spool too, built with
 the SR; they go through the same rows, leases, backoff and ``send_failed`` as C-STORE.
 
-Result UIDs are deterministic (worker/results.py), so sending the same object twice replaces it
+Result UIDs are deterministic (worker/results/common.py), so sending the same object twice replaces it
 in PACS rather than duplicating it.
 """
 
@@ -28,13 +28,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from worker import audit as audit_log
-from worker import jobs, tls
+from worker import store, tls
 from worker.settings import Destination, Settings
 from worker.spool import Spool, SpoolError
 
@@ -59,10 +60,12 @@ def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None 
     se = settings.send
     base = min(se.backoff_max_seconds, se.backoff_seconds * 2 ** max(attempt - 1, 0))
     r = (rng or random).uniform(-se.jitter, se.jitter)
-    return max(0.0, base * (1.0 + r))
+    return cast(float, max(0.0, base * (1.0 + r)))
 
 
-def _to_folder(dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim]) -> list[tuple[int | None, str | None]]:
+def _to_folder(
+    dest: Destination, spool: Spool, items: Sequence[store.DeliveryClaim]
+) -> list[tuple[int | None, str | None]]:
     """Copy each object durably to ``<path>/<sop_instance_uid>.dcm`` (atomic, fsync'd)."""
     assert dest.path is not None
     target = Spool(dest.path, fsync=spool.fsync)
@@ -78,14 +81,14 @@ def _to_folder(dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryCla
 
 
 def _to_peer(
-    dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim], settings: Settings
+    dest: Destination, spool: Spool, items: Sequence[store.DeliveryClaim], settings: Settings
 ) -> list[tuple[int | None, str | None]]:
     """C-STORE each object over one association; (status, error) per object."""
     ae = AE(ae_title=dest.calling_ae_title or settings.listener.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.send.timeout
     for sop_class in sorted({d.sop_class_uid for d in items}):
         ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    datasets = []
+    datasets: list[Dataset | Exception] = []
     for d in items:
         try:
             datasets.append(dcmread(spool.path(d.path)))
@@ -105,7 +108,9 @@ def _to_peer(
         return [(None, f"{dest.name}: cannot associate: {exc}")] * len(items)
     if not assoc.is_established:
         # pynetdicom reports a refused or timed-out TCP connection as an abort
-        why = "association rejected" if assoc.is_rejected else "no association (connection refused, timed out or aborted)"
+        why = (
+            "association rejected" if assoc.is_rejected else "no association (connection refused, timed out or aborted)"
+        )
         return [(None, f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {why}")] * len(items)
     out: list[tuple[int | None, str | None]] = []
     try:
@@ -137,7 +142,7 @@ def _to_peer(
 
 
 def _to_service(
-    dest: Destination, spool: Spool, items: Sequence[jobs.DeliveryClaim], settings: Settings
+    dest: Destination, spool: Spool, items: Sequence[store.DeliveryClaim], settings: Settings
 ) -> list[tuple[int | None, str | None]]:
     """Send the spooled HL7 or FHIR messages: one MLLP connection, or one HTTP POST each."""
     payloads: list[bytes | Exception] = []
@@ -160,7 +165,7 @@ def _to_service(
 
 
 def send_due(
-    db: jobs.Database,
+    db: store.Database,
     spool: Spool,
     settings: Settings,
     *,
@@ -171,15 +176,16 @@ def send_due(
     """Send every due delivery (or only the given ids); mark each sent, retrying or send_failed."""
     t0 = time.perf_counter()
     report = SendReport()
-    claims = jobs.claim_deliveries(db, limit, settings.send.lease_seconds, only=only)
+    claims = store.claim_deliveries(db, limit, settings.send.lease_seconds, only=only)
     if not claims:
         return report
-    by_dest: dict[str, list[jobs.DeliveryClaim]] = defaultdict(list)
+    by_dest: dict[str, list[store.DeliveryClaim]] = defaultdict(list)
     for c in claims:
         by_dest[c.destination].append(c)
     configured = {d.name: d for d in settings.result_destinations}
     for name, items in by_dest.items():
         dest = configured.get(name)
+        results: list[tuple[int | None, str | None]]
         if dest is None:
             results = [(None, f"destination {name!r} is no longer configured")] * len(items)
         elif dest.type == "folder":
@@ -188,14 +194,14 @@ def send_due(
             results = _to_service(dest, spool, items, settings)
         else:
             results = _to_peer(dest, spool, items, settings)
-        for claim, (status, error) in zip(items, results):
+        for claim, (status, error) in zip(items, results, strict=True):
             if error is None:
-                jobs.mark_sent(db, claim.id, status)
+                store.mark_sent(db, claim.id, status)
                 audit.record("result_sent", sop_instance_uid=claim.sop_instance_uid, destination=name,
                              status=f"0x{status:04X}" if status is not None else None, attempt=claim.attempts)
                 report.sent += 1
                 continue
-            state = jobs.mark_retry(
+            state = store.mark_retry(
                 db, claim.id, status=status, error=error,
                 delay_seconds=backoff_seconds(claim.attempts, settings),
                 max_attempts=settings.send.max_attempts,
@@ -203,8 +209,8 @@ def send_due(
             report.errors.append(error)
             audit.record("result_send_failed", sop_instance_uid=claim.sop_instance_uid, destination=name,
                          status=f"0x{status:04X}" if status is not None else None, attempt=claim.attempts,
-                         final=state == jobs.SendState.FAILED.value, error=error)
-            if state == jobs.SendState.FAILED.value:
+                         final=state == store.SendState.FAILED.value, error=error)
+            if state == store.SendState.FAILED.value:
                 report.failed += 1
                 log.error("delivery of %s to %s failed for good: %s", claim.sop_instance_uid, name, error)
             else:
@@ -216,7 +222,7 @@ def send_due(
 
 
 def send_until_idle(
-    db: jobs.Database,
+    db: store.Database,
     spool: Spool,
     settings: Settings,
     *,
@@ -251,7 +257,7 @@ class BackgroundSender:
     """
 
     def __init__(
-        self, db: jobs.Database, spool: Spool, settings: Settings, *, audit: audit_log.AuditLog = audit_log.NULL
+        self, db: store.Database, spool: Spool, settings: Settings, *, audit: audit_log.AuditLog = audit_log.NULL
     ) -> None:
         self.db, self.spool, self.settings, self.audit = db, spool, settings, audit
         self.total = SendReport()
@@ -259,7 +265,7 @@ class BackgroundSender:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cxr-triage-sender", daemon=True)
 
-    def start(self) -> "BackgroundSender":
+    def start(self) -> BackgroundSender:
         self._thread.start()
         return self
 

@@ -11,28 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, select
+from worker import store
+from worker.store.queries import Filters
 
-from worker import jobs
-from worker.priority import PRIORITIES
-
-
-@dataclass(frozen=True)
-class Filters:
-    """What to select; every field optional (``None`` / empty = no condition)."""
-
-    states: Sequence[str] = ()
-    predicted_class: str | None = None
-    priority: str | None = None
-    min_probability: float | None = None
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
-    study: str | None = None
-    accession: str | None = None
-    limit: int = 1000
+__all__ = ["Filters", "events", "rows", "send_state"]
 
 
 def send_state(deliveries: Sequence[dict[str, Any]]) -> str | None:
@@ -43,55 +27,19 @@ def send_state(deliveries: Sequence[dict[str, Any]]) -> str | None:
     return "send_failed" if "send_failed" in states else "pending_send" if "pending_send" in states else "sent"
 
 
-def rows(db: jobs.Database, f: Filters, *, order: str = "arrival") -> list[dict[str, Any]]:
+def rows(db: store.Database, f: Filters, *, order: str = "arrival") -> list[dict[str, Any]]:
     """The stable JSON shape of ``query --format json``: ``Instance.as_dict()`` plus
     ``deliveries`` and ``send_state``; ``order`` is ``"arrival"`` (id) or ``"worklist"``."""
-    I = jobs.Instance
-    stmt = select(I)
-    if f.states:
-        stmt = stmt.where(I.state.in_(list(f.states)))
-    if f.predicted_class:
-        stmt = stmt.where(I.predicted_class == f.predicted_class)
-    if f.priority:
-        stmt = stmt.where(I.priority == f.priority)
-    if f.min_probability is not None:
-        stmt = stmt.where(I.top_probability >= f.min_probability)
-    if f.since:
-        stmt = stmt.where(I.received_at >= f.since)
-    if f.until:
-        stmt = stmt.where(I.received_at < f.until)
-    if f.study:
-        stmt = stmt.where(I.study_instance_uid == f.study)
-    if f.accession:
-        stmt = stmt.where(I.accession_number == f.accession)
-    if order == "worklist":
-        rank = case({p: i for i, p in enumerate(PRIORITIES)}, value=I.priority, else_=len(PRIORITIES))
-        screened = case((I.state == jobs.State.DONE.value, 0), else_=1)
-        stmt = stmt.order_by(screened, rank, I.top_probability.desc().nulls_last(), I.received_at, I.id)
-    else:
-        stmt = stmt.order_by(I.id)
-    if f.limit:
-        stmt = stmt.limit(f.limit)
-    with db.sessions() as s:
-        found = list(s.scalars(stmt))
+    found = store.instances(db, f, order=order)
     out = [row.as_dict() for row in found]
-    sends = jobs.deliveries_of(db, [r.id for r in found])
-    for row, d in zip(found, out):
+    sends = store.deliveries_of(db, [r.id for r in found])
+    for row, d in zip(found, out, strict=True):
         d["deliveries"] = sends.get(row.id, [])
         d["send_state"] = send_state(d["deliveries"])
     return out
 
 
-def events(db: jobs.Database, *, since: dt.datetime | None = None, until: dt.datetime | None = None,
+def events(db: store.Database, *, since: dt.datetime | None = None, until: dt.datetime | None = None,
            limit: int = 1000, newest_first: bool = False) -> list[dict[str, Any]]:
     """Intake events (refusals, re-sends) as ``query --events`` prints them."""
-    E = jobs.IntakeEvent
-    stmt = select(E).order_by(E.id.desc() if newest_first else E.id)
-    if since:
-        stmt = stmt.where(E.at >= since)
-    if until:
-        stmt = stmt.where(E.at < until)
-    if limit:
-        stmt = stmt.limit(limit)
-    with db.sessions() as s:
-        return [e.as_dict() for e in s.scalars(stmt)]
+    return store.intake_events(db, since=since, until=until, limit=limit, newest_first=newest_first)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ pytest.importorskip("nncf", reason="conversion needs the train extra (torch, nnc
 
 from worker.engine import Engine  # noqa: E402
 from worker.modelcard import ModelCard, ModelCardError, triage  # noqa: E402
-
 
 FP16_GATES = ["fp16_accuracy_drop", "fp16_adult_accuracy_drop", "fp16_macro_auroc_drop",
               "fp16_covid19_sensitivity_drop", "fp16_pneumonia_sensitivity_drop", "fp16_agreement"]
@@ -31,7 +29,7 @@ def test_fp16_conversion_passes_gates_and_writes_card(fp16_result):
                                                      "model.xml"]
     readme = (out / "README.md").read_text()
     acc = json.loads((out / "model.json").read_text())["metrics"]["ir_f32"]["overall"]["accuracy"]
-    assert f"| all | " in readme and f"{100 * acc:.1f}" in readme and "non-commercial" in readme
+    assert "| all | " in readme and f"{100 * acc:.1f}" in readme and "non-commercial" in readme
     assert not out.with_name(out.name + ".partial").exists()
     assert _gate_names(fp16_result) == ["parity_fp32", *FP16_GATES, "worker_reproduces"]
     for g in fp16_result.gates:

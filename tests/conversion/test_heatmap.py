@@ -43,9 +43,10 @@ def converted(hybrid, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_analytic_gradcam_equals_autograd_on_torch_feature_maps(hybrid, tiny_data: Path) -> None:
+    from tinyconv import CLASSES, MEAN, SIZE, STD
+
     from conversion.data import load_split
     from worker.imaging import PreprocessSpec
-    from tinyconv import CLASSES, MEAN, SIZE, STD
 
     model, _ = hybrid
     x = load_split(tiny_data, "test", CLASSES, PreprocessSpec(size=(SIZE, SIZE), mean=tuple(MEAN), std=tuple(STD))).x[:6]
@@ -125,11 +126,12 @@ def test_montage_shows_only_redistributable_images() -> None:
 def test_a_model_whose_rebuilt_forward_differs_is_exported_without_maps(hybrid, caplog: pytest.LogCaptureFixture) -> None:
     """A wrapped or modified model (say, one prepared for QAT) whose forward is not
     head(concat(GAP(branches))) is exported as it is, with a log line, never with wrong maps."""
-    from conversion.export import to_openvino
     from tinyconv import TinyHybrid
 
+    from conversion.export import to_openvino
+
     class Shifted(TinyHybrid):
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x) + torch.tensor([0.0, 0.0, 3.0])
 
     model, _ = hybrid

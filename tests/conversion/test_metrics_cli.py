@@ -52,7 +52,7 @@ def test_urgent_mask_matches_worker_triage(fp16_result):
     rng = np.random.default_rng(2)
     p = rng.dirichlet([1, 1, 1], 200)
     mask = urgent_mask(p, CLASSES, card.thresholds)
-    worker = [triage(dict(zip(CLASSES, row)), card).priority == "urgent" for row in p]
+    worker = [triage(dict(zip(CLASSES, row, strict=True)), card).priority == "urgent" for row in p]
     assert mask.tolist() == worker
 
 

@@ -29,7 +29,7 @@ class TinyNet(nn.Module):
         )
         self.head = nn.Linear(16, n)
 
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
@@ -47,7 +47,7 @@ class TinyHybrid(nn.Module):
     def heatmap_branches(self) -> list[tuple[str, nn.Module]]:
         return [("features_a", self.a), ("features_b", self.b)]
 
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([self.a(x).mean(dim=(2, 3)), self.b(x).mean(dim=(2, 3))], dim=1))
 
 
@@ -62,7 +62,7 @@ class TraceTrap(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.inner(x)
         if bool(x.std() > 0):
             return logits

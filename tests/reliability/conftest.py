@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import echo, free_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from support import echo, free_port  # noqa: E402
-
-from worker import jobs, pipeline  # noqa: E402
-from worker.settings import Settings, load_settings  # noqa: E402
+from worker import pipeline, store
+from worker.settings import Settings, load_settings
 
 #: Settings of the corpus node: short timeouts so a silent or truncated peer is dropped within
 #: seconds, a small object limit and a small decode limit so the limits are exercised cheaply.
@@ -49,16 +45,16 @@ class Screening:
     def drain(self) -> pipeline.BatchReport:
         return pipeline.drain(self.node.db, self.node.spool, self.engine, self.settings, pipeline.worker_id())
 
-    def row(self, sop_uid: str) -> jobs.Instance | None:
-        return jobs.find(self.node.db, sop_uid)
+    def row(self, sop_uid: str) -> store.Instance | None:
+        return store.find(self.node.db, sop_uid)
 
     def events(self, sop_uid: str | None = None) -> list[dict[str, Any]]:
         from sqlalchemy import select
 
         with self.node.db.sessions() as s:
-            stmt = select(jobs.IntakeEvent).order_by(jobs.IntakeEvent.id)
+            stmt = select(store.IntakeEvent).order_by(store.IntakeEvent.id)
             if sop_uid is not None:
-                stmt = stmt.where(jobs.IntakeEvent.sop_instance_uid == sop_uid)
+                stmt = stmt.where(store.IntakeEvent.sop_instance_uid == sop_uid)
             return [e.as_dict() for e in s.scalars(stmt)]
 
     def alive(self) -> bool:

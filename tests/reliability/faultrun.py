@@ -33,19 +33,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent
-REPO = TESTS.parent
-for p in (str(TESTS), str(REPO)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from worker.testing.dicom import make_image
+from worker.testing.orthanc import Orthanc
+from worker.testing.scu import free_port
 
-from orthanc import Orthanc  # noqa: E402
-from support import free_port, make_image  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 AET = "CXRTRIAGE"
 
@@ -227,7 +223,7 @@ def run(
 ) -> Counts:
     """The whole fault run; returns the counts (``Counts.ok()`` is the verdict)."""
     from worker.results import result_uids
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     t0 = time.monotonic()
     rng = random.Random(seed)
@@ -379,7 +375,7 @@ def run(
         c.redeliveries = sum(n - 1 for n in sent_lines.values() if n > 1)
 
         expected: dict[str, str] = {}
-        for uid, (path, sha, state, version, lease, study, reason) in rows.items():
+        for uid, (_path, _sha, state, version, _lease, study, reason) in rows.items():
             if state == "done" and version == card["version"]:
                 c.screened += 1
                 expected[str(result_uids(uid, study, card["name"], card["version"]).sr_instance)] = uid

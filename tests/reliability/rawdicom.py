@@ -109,7 +109,7 @@ class RawAssociation:
         while len(buf) < n:
             try:
                 chunk = self.sock.recv(n - len(buf))
-            except (ConnectionResetError, TimeoutError, socket.timeout):
+            except (ConnectionResetError, TimeoutError):
                 return None
             if not chunk:
                 return None
@@ -191,5 +191,5 @@ class RawAssociation:
                     return True
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False

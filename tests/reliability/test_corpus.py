@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import struct
 import subprocess
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,14 +29,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
-    JPEGLSLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
 from rawdicom import EXPLICIT_LE, IMPLICIT_LE, VERIFICATION, RawAssociation, associate_rq, p_data, pdu
 from support import CR_STORAGE, make_image, send
-
 
 #: Allowed growth of the peak RSS of this process for a case that declares gigabytes.
 RSS_BOUND_MB = 200
@@ -387,7 +386,7 @@ def test_non_ascii_strings_without_and_with_a_wrong_character_set(screening) -> 
     b.SpecificCharacterSet = "ISO_IR 999"  # unknown character set
     b.PatientName = "Ωmega^Ünknown"
     statuses = send([a, b], screening.port)
-    for ds, status in zip((a, b), statuses):
+    for ds, status in zip((a, b), statuses, strict=True):
         # Names do not matter to screening: the image is screened, the result built.
         assert outcome(screening, ds.SOPInstanceUID, status)[0] == "done"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from support import echo, free_port, make_image, send
 
-from worker import jobs, pipeline, sender
+from worker import pipeline, sender, store
 from worker.engine import Engine
 from worker.node import Node
 from worker.settings import Settings, load_settings
@@ -79,14 +79,14 @@ def test_expired_lease_is_reclaimed_without_new_work(tmp_path: Path, toy_model: 
     try:
         ds = make_image(rows=64, cols=64)
         assert send([ds], node.port) == [0x0000]
-        (claimed,) = jobs.claim_batch(node.db, 8, "killed-worker", lease_seconds=1)  # dies holding it
+        (claimed,) = store.claim_batch(node.db, 8, "killed-worker", lease_seconds=1)  # dies holding it
         time.sleep(1.2)
         sched = BatchScheduler(node.db, node.spool, Engine(toy_model), settings)
         sched.start()
         end = time.monotonic() + 5
-        while time.monotonic() < end and jobs.find(node.db, ds.SOPInstanceUID).state == "running":
+        while time.monotonic() < end and store.find(node.db, ds.SOPInstanceUID).state == "running":
             time.sleep(0.1)
-        assert jobs.find(node.db, ds.SOPInstanceUID).state == "done"
+        assert store.find(node.db, ds.SOPInstanceUID).state == "done"
     finally:
         if sched is not None:
             sched.stop()
@@ -119,7 +119,7 @@ def test_disk_full_during_a_batch_fails_with_a_reason_and_retries_later(tmp_path
         # every attempt back to back.
         assert report.storage_errors == 3 and report.claimed == 3
         for ds in images:
-            row = jobs.find(node.db, ds.SOPInstanceUID)
+            row = store.find(node.db, ds.SOPInstanceUID)
             assert row.state == "queued" and row.attempts == 1
             assert row.reason.startswith("attempt 1 of 3 failed: could not store result object")
             assert "No space left on device" in row.reason
@@ -129,8 +129,8 @@ def test_disk_full_during_a_batch_fails_with_a_reason_and_retries_later(tmp_path
         # The disk stays full to the last attempt: `failed`, with the reason.
         pipeline.drain(node.db, node.spool, engine, settings, pipeline.worker_id())
         pipeline.drain(node.db, node.spool, engine, settings, pipeline.worker_id())
-        assert {jobs.find(node.db, ds.SOPInstanceUID).state for ds in images} == {"failed"}
-        assert "No space left on device" in jobs.find(node.db, images[0].SOPInstanceUID).reason
+        assert {store.find(node.db, ds.SOPInstanceUID).state for ds in images} == {"failed"}
+        assert "No space left on device" in store.find(node.db, images[0].SOPInstanceUID).reason
 
         # Below the free-space reserve nothing is claimed at all: no attempt spent.
         more = make_image(rows=64, cols=64, seed=9)
@@ -139,14 +139,14 @@ def test_disk_full_during_a_batch_fails_with_a_reason_and_retries_later(tmp_path
         node.spool.reserve_bytes = 100 * 2**20
         report = pipeline.drain(node.db, node.spool, engine, settings, pipeline.worker_id())
         assert report.claimed == 0 and report.disk_reserve_reached
-        assert jobs.find(node.db, more.SOPInstanceUID).attempts == 0
+        assert store.find(node.db, more.SOPInstanceUID).attempts == 0
 
         # Space again: the next run screens it and its result reaches the destination.
         monkeypatch.undo()
         node.spool.reserve_bytes = 0
         report = pipeline.drain(node.db, node.spool, engine, settings, pipeline.worker_id())
-        assert report.done == 1 and jobs.find(node.db, more.SOPInstanceUID).state == "done"
-        assert jobs.delivery_counts(node.db).get("sent") == 1
+        assert report.done == 1 and store.find(node.db, more.SOPInstanceUID).state == "done"
+        assert store.delivery_counts(node.db).get("sent") == 1
     finally:
         node.stop()
 
@@ -181,7 +181,7 @@ def test_intake_waits_for_a_database_locked_by_another_process(tmp_path: Path, t
         # Within busy_timeout (30 s): the C-STORE waits for the lock and succeeds; an object is
         # never acknowledged without its row.
         assert status == 0x0000 and waited >= 1.5
-        row = jobs.find(node.db, ds.SOPInstanceUID)
+        row = store.find(node.db, ds.SOPInstanceUID)
         assert row is not None and row.state == "queued" and node.spool.path(row.path).is_file()
         assert echo(node.port) == 0
     finally:
@@ -199,7 +199,7 @@ def test_intake_refuses_with_a_reason_when_the_database_stays_locked(tmp_path: P
         def locked(*_a, **_k):  # what SQLite raises once busy_timeout has run out
             raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("database is locked"))
 
-        monkeypatch.setattr(jobs, "enqueue", locked)
+        monkeypatch.setattr(store, "enqueue", locked)
         ds = make_image(rows=64, cols=64)
         (status,) = send([ds], node.port)
         monkeypatch.undo()
@@ -207,7 +207,7 @@ def test_intake_refuses_with_a_reason_when_the_database_stays_locked(tmp_path: P
         ev = [e for e in _events(node) if e["sop_instance_uid"] == ds.SOPInstanceUID]
         assert ev and "database unavailable" in ev[-1]["reason"]
         assert send([ds], node.port) == [0x0000]  # the re-send is stored
-        assert jobs.find(node.db, ds.SOPInstanceUID).state == "queued"
+        assert store.find(node.db, ds.SOPInstanceUID).state == "queued"
     finally:
         node.stop()
 
@@ -216,7 +216,7 @@ def _events(node: Node) -> list[dict]:
     from sqlalchemy import select
 
     with node.db.sessions() as s:
-        return [e.as_dict() for e in s.scalars(select(jobs.IntakeEvent))]
+        return [e.as_dict() for e in s.scalars(select(store.IntakeEvent))]
 
 
 # ------------------------------------------------------------------ the destination PACS is down "for an hour"
@@ -224,9 +224,8 @@ def _events(node: Node) -> list[dict]:
 
 @pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc is not installed")
 def test_pacs_down_bounded_retries_then_send_failed_then_resend(tmp_path: Path, toy_model: Path) -> None:
-    from orthanc import Orthanc
-
     from worker.results import result_uids
+    from worker.testing.orthanc import Orthanc
 
     pacs = Orthanc(tmp_path / "orthanc")  # ports chosen, not started: "down"
     dest = f"ORTHANC@127.0.0.1:{pacs.dicom_port}"
@@ -244,12 +243,12 @@ def test_pacs_down_bounded_retries_then_send_failed_then_resend(tmp_path: Path, 
         report = pipeline.drain(node.db, node.spool, engine, settings, pipeline.worker_id())
         assert report.done == 1  # screened; the first send failed
         for _ in range(20):  # the retry passes, as the scheduler runs them
-            if jobs.delivery_counts(node.db).get("send_failed"):
+            if store.delivery_counts(node.db).get("send_failed"):
                 break
             time.sleep(0.25)
             sender.send_due(node.db, node.spool, settings)
         with node.db.sessions() as s:
-            (d,) = s.query(jobs.Delivery).all()
+            (d,) = s.query(store.Delivery).all()
             assert d.state == "send_failed" and d.attempts == 3  # bounded
             assert "connection refused" in d.last_error or "no association" in d.last_error
         for _ in range(3):
@@ -265,7 +264,7 @@ def test_pacs_down_bounded_retries_then_send_failed_then_resend(tmp_path: Path, 
             )
             assert "1 failed delivery queued again" in r.stdout and "sent 1" in r.stdout, r.stdout + r.stderr
             assert r.returncode == 0, r.stderr
-            assert jobs.delivery_counts(node.db) == {"sent": 1}
+            assert store.delivery_counts(node.db) == {"sent": 1}
             card = engine.card
             expected = str(result_uids(ds.SOPInstanceUID, ds.StudyInstanceUID, card.name, card.version).sr_instance)
             srs = pacs.find_instances(Modality="SR")

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from synth import CLASSES3
+
 from training.cache import GreyCache, cache_key
 from training.data import ManifestDataset, manifest_sha256, read_manifest
 from worker import imaging

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from support import make_image
+from synth import CLASSES3
+
 from training.data import (
     Augment,
     ManifestDataset,
@@ -23,8 +24,6 @@ from training.data import (
 )
 from worker import imaging
 from worker.imaging import PreprocessSpec
-
-from synth import CLASSES3
 
 SPEC = PreprocessSpec(size=(64, 64))
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from synth import write_manifest
 
 REPO = Path(__file__).resolve().parents[2]

@@ -41,8 +41,8 @@ def test_budget_schedules_per_step() -> None:
     assert lr_factor(10.0, one) == pytest.approx(0.0, abs=1e-12)
     values = [lr_factor(i / 10, one) for i in range(101)]
     peak = values.index(max(values))
-    assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1]))
-    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))
+    assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:], strict=False))
 
 
 def test_progressive_config_is_validated() -> None:

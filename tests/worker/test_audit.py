@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import wait_for
-from support import free_port, make_image, send
+from support import free_port, make_image, send, wait_for
 
 from worker.audit import AuditLog, fingerprint
 
@@ -51,7 +50,7 @@ def test_full_run_logs_no_patient_identity_and_audits_everything(tmp_path: Path,
 
         assert wait_for(lambda: echo(port) == 0 or proc.poll() is not None, timeout=60)
         dss = []
-        for i, (name, pid) in enumerate(zip(NAMES, IDS)):
+        for i, (name, pid) in enumerate(zip(NAMES, IDS, strict=True)):
             ds = make_image(rows=96, cols=80, seed=i, patient_name=name, patient_id=pid)
             ds.PatientBirthDate = BIRTH
             dss.append(ds)
@@ -76,7 +75,7 @@ def test_full_run_logs_no_patient_identity_and_audits_everything(tmp_path: Path,
 
 
 def test_config_and_model_changes_are_audited(tmp_path: Path, toy_model: Path) -> None:
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     other = build_toy_model(tmp_path / "other", version="0.0.2", seed=5)
     port = free_port()
@@ -85,7 +84,7 @@ def test_config_and_model_changes_are_audited(tmp_path: Path, toy_model: Path) -
         from support import echo
 
         aet = extra[1] if extra else "CXRTRIAGE"
-        assert wait_for(lambda: echo(port, called=aet) == 0 or proc.poll() is not None, timeout=60)
+        assert wait_for(lambda aet=aet, proc=proc: echo(port, called=aet) == 0 or proc.poll() is not None, timeout=60)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     docs = [json.loads(x) for x in (tmp_path / "var" / "audit.jsonl").read_text().splitlines()]

@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import wait_for
-from support import CT_STORAGE, free_port, make_image
+from support import CT_STORAGE, free_port, make_image, wait_for
 
 from worker import cli
 from worker.settings import Settings

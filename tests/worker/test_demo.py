@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from support import free_port
-from worker import cli, demo, imaging, jobs
+
+from worker import cli, demo, imaging, store
 from worker.engine import Engine
 from worker.modelcard import ModelCard, default_model_dir, triage
 
@@ -27,12 +27,12 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 def _rows(data_dir: Path) -> dict[str, dict]:
-    db = jobs.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
+    db = store.Database.open(f"sqlite:///{data_dir / 'triage.db'}", upgrade=False)
     try:
         with db.sessions() as s:
-            instances = list(s.query(jobs.Instance))
+            instances = list(s.query(store.Instance))
             rows = {r.sop_instance_uid: r.as_dict() for r in instances}
-        deliveries = jobs.deliveries_of(db, [r.id for r in instances])
+        deliveries = store.deliveries_of(db, [r.id for r in instances])
         for r in instances:
             rows[r.sop_instance_uid]["deliveries"] = deliveries.get(r.id, [])
     finally:
@@ -166,7 +166,7 @@ def test_demo_reads_its_own_nodes_port(tmp_path: Path) -> None:
 def test_demo_with_heatmap_sends_a_heatmap_sc_per_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 17: ``demo --heatmap`` with a model that has heatmap outputs (the toy heatmap IR here;
     the shipped model once it is converted with them)."""
-    from worker.toymodel import build_toy_heatmap_model
+    from worker.testing.toymodel import build_toy_heatmap_model
 
     model = build_toy_heatmap_model(tmp_path / "hm")
     data_dir = tmp_path / "demo"
@@ -183,7 +183,7 @@ def test_demo_with_heatmap_sends_a_heatmap_sc_per_sample(tmp_path: Path, capsys:
 
 
 def test_demo_with_heatmap_says_when_the_model_has_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     model = build_toy_model(tmp_path / "plain")
     argv = ["demo", "--data-dir", str(tmp_path / "demo"), "--port", str(free_port()), "--model", str(model),

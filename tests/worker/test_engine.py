@@ -13,7 +13,7 @@ import pytest
 
 from worker.engine import Engine, softmax
 from worker.modelcard import ModelCard, ModelCardError, write_card
-from worker.toymodel import build_toy_model, toy_reference
+from worker.testing.toymodel import build_toy_model, toy_reference
 
 CLASSES = ("normal", "pneumonia", "covid19")
 
@@ -105,7 +105,7 @@ def test_probabilities_dicts(engine: Engine, batch: np.ndarray) -> None:
     rows = engine.probabilities(batch[:4])
     arr = engine.infer(batch[:4])
     assert len(rows) == 4
-    for row, ref in zip(rows, arr):
+    for row, ref in zip(rows, arr, strict=True):
         assert tuple(row) == CLASSES  # card class order
         assert all(type(v) is float for v in row.values())
         assert list(row.values()) == ref.tolist()

@@ -16,7 +16,7 @@ pytest.importorskip("fhir.resources", reason="the fhir extra (fhir.resources) is
 from fhir.resources.R4B.bundle import Bundle  # noqa: E402
 from support import make_image, send  # noqa: E402
 
-from worker import jobs, pipeline, sender  # noqa: E402
+from worker import pipeline, sender, store  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 from worker.node import Node  # noqa: E402
 from worker.settings import Destination, Settings, SettingsError, load_settings  # noqa: E402
@@ -78,9 +78,9 @@ def _screen(s: Settings, ds) -> Node:  # type: ignore[no-untyped-def]
     return node
 
 
-def _deliveries(node: Node) -> list[jobs.Delivery]:
+def _deliveries(node: Node) -> list[store.Delivery]:
     with node.db.sessions() as ses:
-        return list(ses.query(jobs.Delivery).order_by(jobs.Delivery.id))
+        return list(ses.query(store.Delivery).order_by(store.Delivery.id))
 
 
 def test_spec_and_validation(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -103,7 +103,7 @@ def test_report_and_observations_posted_with_the_token(model_settings: Settings,
     ds.AccessionNumber = "ACC-9"
     node = _screen(s, ds)
     try:
-        row = jobs.find(node.db, ds.SOPInstanceUID)
+        row = store.find(node.db, ds.SOPInstanceUID)
         (d,) = _deliveries(node)
         assert (d.kind, d.state, d.last_error) == ("fhir", "sent", None)
     finally:

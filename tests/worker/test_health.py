@@ -9,11 +9,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support import wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from support import CT_STORAGE, free_port, make_image, send
+from support import CT_STORAGE, free_port, make_image, send, wait_for
 
-from worker import jobs
+from worker import store
 from worker.node import Node
 from worker.settings import Destination, Settings
 
@@ -65,8 +64,8 @@ def test_health_and_metrics_follow_the_queue(monitored) -> None:  # type: ignore
 
     dss = [make_image(rows=64, cols=64, seed=i) for i in range(3)]
     assert send(dss + [dss[0], make_image(sop_class=CT_STORAGE, modality="CT")], node.port) == [0, 0, 0, 0, 0x0122]
-    assert wait_for(lambda: jobs.counts(node.db) == {"done": 3}, timeout=30)
-    assert wait_for(lambda: jobs.delivery_counts(node.db) == {"sent": 3}, timeout=10)
+    assert wait_for(lambda: store.counts(node.db) == {"done": 3}, timeout=30)
+    assert wait_for(lambda: store.delivery_counts(node.db) == {"sent": 3}, timeout=10)
     m = _metrics(hp)
     assert m[("cxr_triage_received_total", ())] == 3
     assert m[("cxr_triage_resends_total", ())] == 1
@@ -75,7 +74,7 @@ def test_health_and_metrics_follow_the_queue(monitored) -> None:  # type: ignore
     assert m[("cxr_triage_queue_depth", (("state", "queued"),))] == 0
     assert m[("cxr_triage_oldest_waiting_seconds", ())] == 0
     assert m[("cxr_triage_deliveries_total", (("state", "sent"),))] == 3
-    by_priority = jobs.priority_counts(node.db)
+    by_priority = store.priority_counts(node.db)
     assert sum(by_priority.values()) == 3
     for p in ("urgent", "high", "routine"):
         assert m[("cxr_triage_screened_total", (("priority", p),))] == by_priority.get(p, 0)

@@ -15,7 +15,7 @@ import pytest
 
 from worker import heatmap
 from worker.engine import Engine
-from worker.toymodel import QUADRANTS, build_toy_heatmap_model, build_toy_model
+from worker.testing.toymodel import QUADRANTS, build_toy_heatmap_model, build_toy_model
 
 SIZE = (224, 224)
 

@@ -13,10 +13,9 @@ import hl7 as hl7lib
 import pytest
 from hl7.mllp import start_hl7_server
 from support import free_port, make_image, send, wait_for
-
 from test_security import pki  # noqa: F401  (the test CA and certificates, a fixture)
 
-from worker import cli, hl7, jobs, pipeline, sender, tls
+from worker import cli, hl7, pipeline, sender, store, tls
 from worker.engine import Engine
 from worker.node import Node
 from worker.settings import Destination, Settings, SettingsError, load_settings
@@ -97,9 +96,9 @@ def _screen(s: Settings, *dss) -> Node:  # type: ignore[no-untyped-def]
     return node
 
 
-def _deliveries(node: Node) -> list[jobs.Delivery]:
+def _deliveries(node: Node) -> list[store.Delivery]:
     with node.db.sessions() as ses:
-        return list(ses.query(jobs.Delivery).order_by(jobs.Delivery.id))
+        return list(ses.query(store.Delivery).order_by(store.Delivery.id))
 
 
 def test_spec_and_table_settings(tmp_path: Path) -> None:
@@ -121,7 +120,7 @@ def test_oru_fields_and_ack_end_to_end(model_settings: Settings, receiver: Recei
     ds.AcquisitionDate, ds.AcquisitionTime = "20261126", "101700.25"
     node = _screen(s, ds)
     try:
-        row = jobs.find(node.db, ds.SOPInstanceUID)
+        row = store.find(node.db, ds.SOPInstanceUID)
         (d,) = _deliveries(node)
         assert (d.kind, d.state, d.destination, d.last_error) == ("hl7", "sent", "ris", None)
         (m,) = receiver.messages
@@ -170,7 +169,7 @@ def test_ae_and_ar_are_retried_then_send_failed_then_resent(model_settings: Sett
             assert d.state == "send_failed" and "ACK AR" in d.last_error
             # the same bytes both times (one control ID: the RIS can drop a duplicate)
             assert len(r.raw) == 2 and r.raw[0] == r.raw[1]
-            assert jobs.resend(node.db, destination="ris") == 1
+            assert store.resend(node.db, destination="ris") == 1
             assert sender.send_due(node.db, node.spool, s).sent == 1  # the receiver says AA now
             assert _deliveries(node)[0].state == "sent" and len(r.messages) == 3
         finally:

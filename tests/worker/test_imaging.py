@@ -22,7 +22,6 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
@@ -31,7 +30,7 @@ from pydicom.uid import (
 )
 
 from worker import imaging
-from worker.imaging import PixelError, PreprocessSpec
+from worker.imaging import PixelError, PreprocessSpec, codestream
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 DICOM_DIR = SHARED / "data" / "dicom"
@@ -844,12 +843,12 @@ def test_large_jpeg2000_decodes_at_the_smallest_level_that_covers_the_input(stor
 
 
 def test_jpeg2000_reduction_keeps_the_input_size_covered() -> None:
-    hdr = imaging._J2KHeader(rows=2000, cols=2500, precision=12, signed=False, levels=5)
-    assert imaging._j2k_reduction(hdr, PreprocessSpec()) == 2  # 500 >= 448 > 250
-    assert imaging._j2k_reduction(hdr, PreprocessSpec(size=(256, 256))) == 1  # 500 < 512 <= 1000
-    assert imaging._j2k_reduction(imaging._J2KHeader(2000, 2500, 12, False, levels=1), PreprocessSpec()) == 1
-    assert imaging._j2k_reduction(imaging._J2KHeader(894, 2500, 12, False, levels=5), PreprocessSpec()) == 0  # 447 < 448
-    assert imaging._j2k_reduction(imaging._J2KHeader(896, 2500, 12, False, levels=5), PreprocessSpec()) == 1
+    hdr = codestream._J2KHeader(rows=2000, cols=2500, precision=12, signed=False, levels=5)
+    assert codestream._j2k_reduction(hdr, PreprocessSpec()) == 2  # 500 >= 448 > 250
+    assert codestream._j2k_reduction(hdr, PreprocessSpec(size=(256, 256))) == 1  # 500 < 512 <= 1000
+    assert codestream._j2k_reduction(codestream._J2KHeader(2000, 2500, 12, False, levels=1), PreprocessSpec()) == 1
+    assert codestream._j2k_reduction(codestream._J2KHeader(894, 2500, 12, False, levels=5), PreprocessSpec()) == 0  # 447 < 448
+    assert codestream._j2k_reduction(codestream._J2KHeader(896, 2500, 12, False, levels=5), PreprocessSpec()) == 1
 
 
 def test_small_and_odd_jpeg2000_take_the_full_decoder() -> None:
@@ -858,4 +857,4 @@ def test_small_and_odd_jpeg2000_take_the_full_decoder() -> None:
     ds = make_image(_smooth_image(800, 700, 12), stored=12)  # too small to reduce (700 / 2 < 448)
     ds.compress(JPEG2000Lossless)
     assert imaging.decode(ds, PreprocessSpec()).shape == (800, 700)
-    assert imaging._j2k_header(b"\x00\x00\x00\x0cjP  \r\n\x87\n") is None  # a JP2 box, not a codestream
+    assert codestream._j2k_header(b"\x00\x00\x00\x0cjP  \r\n\x87\n") is None  # a JP2 box, not a codestream

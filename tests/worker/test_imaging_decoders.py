@@ -16,11 +16,11 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import UID, JPEG2000, JPEG2000Lossless
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
 from support import j2k_dataset, make_image, tile_cod_codestream
 
 from worker import imaging
-from worker.imaging import PixelError, PreprocessSpec
+from worker.imaging import PixelError, PreprocessSpec, codestream, decoding
 
 REPO = Path(__file__).resolve().parents[2]
 PYDICOM_FILES = Path(pydicom.__file__).resolve().parent / "data" / "test_files"
@@ -46,12 +46,12 @@ def test_jpeg2000_the_reduced_path_refuses_is_decoded_in_full(ts: str) -> None:
     pix = _radiograph()
     cs = tile_cod_codestream(pix, 12, lossy=ts == JPEG2000)
     # the reproduction: the reduced decode (what worker/imaging.py used to give up on) fails ...
-    header = imaging._j2k_header(cs)
+    header = codestream._j2k_header(cs)
     assert header is not None and header.levels == 5
-    r = imaging._j2k_reduction(header, PreprocessSpec())
+    r = codestream._j2k_reduction(header, PreprocessSpec())
     assert r == 1
     with pytest.raises(OSError, match="broken data stream"):
-        imaging._decode_j2k_reduced(cs, header, r)
+        decoding._decode_j2k_reduced(cs, header, r)
     # ... while the data are valid: pydicom's full decode reads them, and so does the worker now
     ds = j2k_dataset(cs, pix, 12, ts)
     full = ds.pixel_array
@@ -223,14 +223,14 @@ def test_the_faster_decoder_gives_pydicoms_pixels(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = ds.pixel_array
-    g = imaging._geometry(ds, PreprocessSpec())
-    frame = imaging._first_frame(ds, g)
+    g = codestream._geometry(ds, PreprocessSpec())
+    frame = codestream._first_frame(ds, g)
     from pydicom.pixels.decoders.base import get_decoder
 
     failures: list[str] = []
-    fast = imaging._try_fast_decoders(ds, frame, g, get_decoder(g.transfer_syntax), failures)
+    fast = decoding._try_fast_decoders(ds, frame, g, get_decoder(g.transfer_syntax), failures)
     assert failures == []
-    chosen = [d.name for d in imaging.fast_decoders(g.transfer_syntax)]
+    chosen = [d.name for d in decoding.fast_decoders(g.transfer_syntax)]
     if expect == "imagecodecs" and (signed or not chosen):
         assert fast is None  # signed JPEG lossless (or no imagecodecs): pydicom's own decoder
     else:
@@ -250,7 +250,7 @@ def test_a_failing_faster_decoder_falls_back_to_pydicom(monkeypatch: pytest.Monk
 
     ds = _noisy(12, False)
     ds.compress(pydicom.uid.RLELossless)
-    monkeypatch.setattr(imaging, "fast_decoders", lambda ts: (FastDecoder("broken", broken), FastDecoder("wrong", wrong)))
+    monkeypatch.setattr(decoding, "fast_decoders", lambda ts: (FastDecoder("broken", broken), FastDecoder("wrong", wrong)))
     assert np.array_equal(imaging.decode(ds), ds.pixel_array)
     ds.PixelData = encapsulate([b"\x01\x00\x00\x00" + bytes(60)])  # an RLE header claiming 1 segment at offset 0
     with pytest.raises(PixelError) as err:

@@ -10,14 +10,14 @@ from pydicom import dcmread
 from sqlalchemy import select
 from support import CR_STORAGE, CT_STORAGE, DX_STORAGE, echo, make_image, send
 
-from worker import jobs
+from worker import store
 from worker.node import Node
 from worker.settings import Settings
 
 
-def events(db: jobs.Database) -> list[jobs.IntakeEvent]:
+def events(db: store.Database) -> list[store.IntakeEvent]:
     with db.sessions() as s:
-        return list(s.scalars(select(jobs.IntakeEvent).order_by(jobs.IntakeEvent.id)))
+        return list(s.scalars(select(store.IntakeEvent).order_by(store.IntakeEvent.id)))
 
 
 def test_echo(node: Node) -> None:
@@ -27,7 +27,7 @@ def test_echo(node: Node) -> None:
 def test_store_is_durable_and_as_received(node: Node) -> None:
     ds = make_image(rows=300, cols=240)
     assert send([ds], node.port) == [0x0000]
-    row = jobs.find(node.db, ds.SOPInstanceUID)
+    row = store.find(node.db, ds.SOPInstanceUID)
     assert row is not None and row.state == "queued" and row.receive_count == 1
     assert row.study_instance_uid == ds.StudyInstanceUID and row.accession_number == "ACC0001"
     assert row.calling_ae == "TESTSCU" and row.modality == "CR"
@@ -45,9 +45,9 @@ def test_resend_is_acknowledged_not_requeued(node: Node) -> None:
     ds = make_image()
     assert send([ds, ds], node.port) == [0x0000, 0x0000]
     assert send([ds], node.port) == [0x0000]
-    row = jobs.find(node.db, ds.SOPInstanceUID)
+    row = store.find(node.db, ds.SOPInstanceUID)
     assert row.receive_count == 3
-    assert jobs.counts(node.db) == {"queued": 1}
+    assert store.counts(node.db) == {"queued": 1}
     assert [e.kind for e in events(node.db)] == ["duplicate", "duplicate"]
 
 
@@ -76,13 +76,13 @@ def test_uid_reused_for_another_patient_or_study_is_refused(node: Node, what: st
     assert send([ds, other], node.port) == [0x0000, 0xC000]
     (ev,) = events(node.db)
     assert ev.kind == "refused" and f"already stored for another {what}" in ev.reason
-    assert dcmread(node.spool.path(jobs.find(node.db, ds.SOPInstanceUID).path)).PatientID == "TEST-0001"
+    assert dcmread(node.spool.path(store.find(node.db, ds.SOPInstanceUID).path)).PatientID == "TEST-0001"
 
 
 def test_ct_is_refused_with_sop_class_status(node: Node) -> None:
     ds = make_image(sop_class=CT_STORAGE, modality="CT")
     assert send([ds], node.port) == [0x0122]
-    assert jobs.find(node.db, ds.SOPInstanceUID) is None
+    assert store.find(node.db, ds.SOPInstanceUID) is None
     (ev,) = events(node.db)
     assert ev.kind == "refused" and ev.status == 0x0122 and CT_STORAGE in ev.reason
     assert echo(node.port) == 0x0000
@@ -103,7 +103,7 @@ def test_accept_out_of_scope_acknowledges_a_whole_study_without_storing(
     try:
         cr, ct = make_image(), make_image(sop_class=CT_STORAGE, modality="CT")
         assert send([ct, cr], n.port) == [0x0000, 0x0000]
-        assert jobs.find(n.db, ct.SOPInstanceUID) is None and jobs.find(n.db, cr.SOPInstanceUID) is not None
+        assert store.find(n.db, ct.SOPInstanceUID) is None and store.find(n.db, cr.SOPInstanceUID) is not None
         (ev,) = events(n.db)
         assert ev.kind == "ignored" and ev.status == 0x0000 and ev.sop_instance_uid == ct.SOPInstanceUID
         assert CT_STORAGE in ev.reason and "listener.accept_out_of_scope" in ev.reason
@@ -138,7 +138,7 @@ def test_bad_sop_instance_uid_never_touches_the_filesystem(node: Node, tmp_path:
     assert ev.status == 0xC000 and why in ev.reason
     created = {p for p in set(tmp_path.rglob("*")) - before if "triage.db" not in p.name}
     assert created == set()
-    assert jobs.counts(node.db) == {}
+    assert store.counts(node.db) == {}
     assert echo(node.port) == 0x0000
 
 
@@ -156,7 +156,7 @@ def test_wrong_calling_ae_is_rejected_and_recorded(settings: Settings) -> None:
         evs = events(n.db)
         assert len(evs) == 2 and all(e.kind == "association_rejected" for e in evs)
         assert "'INTRUDER' is not in listener.allowed_calling_aets" in evs[0].reason
-        assert jobs.counts(n.db) == {}
+        assert store.counts(n.db) == {}
     finally:
         n.stop()
 
@@ -180,7 +180,7 @@ def test_full_spool_refuses_with_out_of_resources(settings: Settings) -> None:
         assert send([ds], n.port) == [0xA700]
         (ev,) = events(n.db)
         assert "free-space reserve" in ev.reason and ev.status == 0xA700
-        assert jobs.find(n.db, ds.SOPInstanceUID) is None
+        assert store.find(n.db, ds.SOPInstanceUID) is None
         assert not list(n.spool.root.rglob("*.dcm"))
         assert echo(n.port) == 0x0000
     finally:
@@ -191,7 +191,7 @@ def test_dx_and_many_in_one_association(node: Node) -> None:
     dss = [make_image(sop_class=DX_STORAGE, modality="DX", seed=i) for i in range(5)]
     dss += [make_image(sop_class=CR_STORAGE, seed=10 + i) for i in range(5)]
     assert send(dss, node.port) == [0] * 10
-    assert jobs.counts(node.db) == {"queued": 10}
+    assert store.counts(node.db) == {"queued": 10}
 
 
 def test_state_is_private(node: Node) -> None:
@@ -209,7 +209,7 @@ def test_large_objects_hash_alongside_the_write(node: Node) -> None:
 
     big = make_image(rows=1200, cols=1000, seed=7)  # 2.4 MB of pixels
     assert send([big], node.port) == [0]
-    row = jobs.find(node.db, big.SOPInstanceUID)
+    row = store.find(node.db, big.SOPInstanceUID)
     assert row.sha256 == hashlib.sha256(node.spool.path(row.path).read_bytes()).hexdigest()
     changed = make_image(rows=1200, cols=1000, seed=8)
     for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):

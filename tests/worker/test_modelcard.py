@@ -6,14 +6,15 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
 from worker.modelcard import DEFAULT_TRIAGE_RULE, ModelCard, ModelCardError, Triage, triage, write_card
-from worker.toymodel import build_toy_model
+from worker.testing.toymodel import build_toy_model
 
 MISSING = "--model DIR must hold model.json, model.xml and model.bin"
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import wait_for
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from support import free_port, make_image, send, to_bytes
+from sqlalchemy import select
+from support import free_port, make_image, send, to_bytes, wait_for
 
-from worker import jobs, results
+from worker import results, store
 from worker.node import Node
 from worker.settings import Destination, Settings
 
@@ -88,7 +88,7 @@ def test_pacs_to_node_and_sr_back_into_the_same_study(pacs_and_node) -> None:  #
 
     (sr_meta,) = _srs(orthanc, src.StudyInstanceUID)
     sr = dcmread(BytesIO(orthanc.file(sr_meta["ID"])))
-    row = jobs.find(node.db, src.SOPInstanceUID)
+    row = store.find(node.db, src.SOPInstanceUID)
     assert row.state == "done"
     # in the source study, own series, unverified, patient copied
     assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.SeriesInstanceUID != src.SeriesInstanceUID
@@ -105,13 +105,13 @@ def test_pacs_to_node_and_sr_back_into_the_same_study(pacs_and_node) -> None:  #
     assert sr.SOPInstanceUID == uids.sr_instance
     # the optional Secondary Capture arrived too
     assert wait_for(lambda: len(orthanc.find_instances(StudyInstanceUID=src.StudyInstanceUID, Modality="OT")) == 1)
-    assert wait_for(lambda: jobs.delivery_counts(node.db) == {"sent": 2}, timeout=10)
+    assert wait_for(lambda: store.delivery_counts(node.db) == {"sent": 2}, timeout=10)
 
     # a re-send replaces: same UIDs, still one SR in PACS
     with node.db.sessions.begin() as s:
-        for d in s.scalars(jobs.select(jobs.Delivery)):
-            d.state, d.attempts, d.next_attempt_at = "pending_send", 0, jobs.utcnow()
-    assert wait_for(lambda: jobs.delivery_counts(node.db) == {"sent": 2}, timeout=10)
+        for d in s.scalars(select(store.Delivery)):
+            d.state, d.attempts, d.next_attempt_at = "pending_send", 0, store.utcnow()
+    assert wait_for(lambda: store.delivery_counts(node.db) == {"sent": 2}, timeout=10)
     assert len(_srs(orthanc, src.StudyInstanceUID)) == 1
 
 
@@ -120,13 +120,13 @@ def test_pacs_down_during_send_then_delivered_when_back(pacs_and_node) -> None: 
     orthanc.stop()
     src = make_image(rows=256, cols=256, seed=4)
     assert send([src], node.port) == [0]
-    assert wait_for(lambda: jobs.counts(node.db) == {"done": 1}, timeout=30)
+    assert wait_for(lambda: store.counts(node.db) == {"done": 1}, timeout=30)
     assert wait_for(
         lambda: any(d.attempts >= 2 for d in _deliveries(node.db)), timeout=30
     ), "the send should be retried while Orthanc is down"
     assert all(d.state == "pending_send" and "no association" in (d.last_error or "") for d in _deliveries(node.db))
     orthanc.start()  # same ports and storage
-    assert wait_for(lambda: jobs.delivery_counts(node.db) == {"sent": 2}, timeout=30)
+    assert wait_for(lambda: store.delivery_counts(node.db) == {"sent": 2}, timeout=30)
     assert len(_srs(orthanc, src.StudyInstanceUID)) == 1
 
 
@@ -144,17 +144,17 @@ def test_destination_rejecting_the_association_ends_send_failed(orthanc, model_s
     node.start()
     try:
         assert send([make_image(rows=128, cols=128)], node.port) == [0]
-        assert wait_for(lambda: jobs.delivery_counts(node.db) == {"send_failed": 1}, timeout=30)
+        assert wait_for(lambda: store.delivery_counts(node.db) == {"send_failed": 1}, timeout=30)
         (d,) = _deliveries(node.db)
         assert "association rejected" in d.last_error and d.attempts == 2
         from worker import cli
 
         assert cli.main(["resend", "--data-dir", str(s.storage.data_dir)]) == 0
-        assert jobs.delivery_counts(node.db) in ({"pending_send": 1}, {"send_failed": 1})
+        assert store.delivery_counts(node.db) in ({"pending_send": 1}, {"send_failed": 1})
     finally:
         node.stop()
 
 
-def _deliveries(db: jobs.Database) -> list[jobs.Delivery]:
+def _deliveries(db: store.Database) -> list[store.Delivery]:
     with db.sessions() as s:
-        return list(s.scalars(jobs.select(jobs.Delivery)))
+        return list(s.scalars(select(store.Delivery)))

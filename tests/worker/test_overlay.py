@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from test_results import REAL_FILES, dciodvfy_errors, load_real, make_result, roundtrip, source_image
 

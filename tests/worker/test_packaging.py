@@ -9,9 +9,9 @@ from importlib import resources
 from support import REPO
 
 WORKER_MODULES = [
-    "worker.cli", "worker.settings", "worker.listener", "worker.spool", "worker.jobs", "worker.imaging",
+    "worker.cli", "worker.settings", "worker.listener", "worker.spool", "worker.store", "worker.imaging", "worker.validation",
     "worker.filters", "worker.modelcard", "worker.engine", "worker.pipeline", "worker.scheduler", "worker.node",
-    "worker.toymodel", "worker.results", "worker.sender", "worker.demo", "worker.priority", "worker.hl7",
+    "worker.testing.toymodel", "worker.results", "worker.sender", "worker.demo", "worker.priority", "worker.hl7",
     "worker.fhir", "worker.worklist", "worker.web", "worker.web.pages", "worker.web.auth", "worker.preflight", "worker.logs",
     "worker.modelsummary", "worker.retention", "worker.commandline", "worker.maintenance", "worker.heatmap", "worker.overlay",
 ]
@@ -66,8 +66,25 @@ def test_migrations_are_package_data() -> None:
 
 
 def test_no_module_named_after_the_standard_library() -> None:
-    names = {p.stem for p in (REPO / "worker").glob("*.py")}
+    names = {p.stem for p in (REPO / "worker").rglob("*.py")}
     assert not names & set(sys.stdlib_module_names)
+
+
+def test_nothing_shipped_imports_the_test_support() -> None:
+    """worker.testing (DICOM builders, SCU, toy model, Orthanc) is for tests and bench/ only."""
+    offenders = [
+        str(p.relative_to(REPO)) for p in (REPO / "worker").rglob("*.py")
+        if "testing" not in p.relative_to(REPO / "worker").parts
+        and ("worker.testing" in (text := p.read_text()) or "from worker import testing" in text)
+    ]
+    assert offenders == []
+
+
+def test_no_worker_module_is_over_600_lines() -> None:
+    """House style: one concept per module, none over about 600 lines (issue 15)."""
+    long = {str(p.relative_to(REPO)): n for p in (REPO / "worker").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 600}
+    assert long == {}
 
 
 def test_the_wheel_carries_the_default_model_and_no_samples(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -12,10 +12,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
@@ -23,9 +23,10 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from sqlalchemy import select
 from support import SC_STORAGE, echo, j2k_dataset, make_image, send, tile_cod_codestream
 
-from worker import jobs, pipeline
+from worker import pipeline, store
 from worker.engine import Engine
 from worker.node import Node
 from worker.settings import Settings
@@ -112,7 +113,7 @@ def test_every_accepted_transfer_syntax_is_received_and_screened(screening, tmp_
     report = run()
     assert report.done == len(ALL_SYNTAXES), [(r.transfer_syntax, r.reason) for r in _rows(node)]
     for ts, uid in sent.items():
-        row = jobs.find(node.db, uid)
+        row = store.find(node.db, uid)
         assert row.transfer_syntax == ts  # stored as received, never transcoded
         assert row.state == "done" and row.model_name == "toy" and row.priority in {"urgent", "routine"}
         assert sum(row.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
@@ -129,13 +130,13 @@ def test_jpeg2000_that_cannot_be_decoded_at_reduced_resolution_is_screened(scree
     assert send(sent, node.port) == [0, 0]
     run()
     for ds in sent:
-        row = jobs.find(node.db, ds.SOPInstanceUID)
+        row = store.find(node.db, ds.SOPInstanceUID)
         assert row.state == "done", row.reason
 
 
-def _rows(node: Node) -> list[jobs.Instance]:
+def _rows(node: Node) -> list[store.Instance]:
     with node.db.sessions() as s:
-        return list(s.scalars(jobs.select(jobs.Instance)))
+        return list(s.scalars(select(store.Instance)))
 
 
 def test_lossless_syntaxes_give_identical_results(screening, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -150,7 +151,7 @@ def test_lossless_syntaxes_give_identical_results(screening, tmp_path: Path) -> 
         assert send([ds], node.port) == [0]
         uids.append(ds.SOPInstanceUID)
     run()
-    probs = [jobs.find(node.db, u).probabilities for u in uids]
+    probs = [store.find(node.db, u).probabilities for u in uids]
     assert all(p == probs[0] for p in probs)
 
 
@@ -168,7 +169,7 @@ def test_filter_rejections_are_skipped_with_reason(screening, build, state: str,
     ds = build()
     assert send([ds], node.port) == [0]
     run()
-    row = jobs.find(node.db, ds.SOPInstanceUID)
+    row = store.find(node.db, ds.SOPInstanceUID)
     assert row.state == state and row.reason and reason in row.reason
     assert row.predicted_class is None
 
@@ -183,9 +184,9 @@ def test_no_pixel_data_and_truncated_pixels_are_skipped(screening) -> None:  # t
     doubled.PixelData = doubled.PixelData * 2
     assert send([nopix, truncated, doubled], node.port) == [0, 0, 0]
     run()
-    assert "no pixel data" in jobs.find(node.db, nopix.SOPInstanceUID).reason
+    assert "no pixel data" in store.find(node.db, nopix.SOPInstanceUID).reason
     for ds in (truncated, doubled):
-        row = jobs.find(node.db, ds.SOPInstanceUID)
+        row = store.find(node.db, ds.SOPInstanceUID)
         assert row.state == "skipped" and row.reason.startswith("pixel data:"), row.reason
     assert echo(node.port) == 0
 
@@ -199,8 +200,8 @@ def test_monochrome1_and_rescale_are_screened(screening) -> None:  # type: ignor
     assert send([mono1, mono2, rescaled], node.port) == [0, 0, 0]
     assert run().done == 3
     # MONOCHROME1 is inverted before inference: the same picture as its MONOCHROME2 twin
-    p1 = jobs.find(node.db, mono1.SOPInstanceUID).probabilities
-    p2 = jobs.find(node.db, mono2.SOPInstanceUID).probabilities
+    p1 = store.find(node.db, mono1.SOPInstanceUID).probabilities
+    p2 = store.find(node.db, mono2.SOPInstanceUID).probabilities
     assert p1 == pytest.approx(p2, abs=1e-4)
 
 
@@ -208,13 +209,32 @@ def test_unreadable_stored_file_fails_after_retries(screening, model_settings: S
     node, run = screening
     ds = make_image()
     assert send([ds], node.port) == [0]
-    row = jobs.find(node.db, ds.SOPInstanceUID)
+    row = store.find(node.db, ds.SOPInstanceUID)
     node.spool.path(row.path).unlink()  # the disk lost it
     for _ in range(model_settings.batch.max_attempts):
         run()
-    row = jobs.find(node.db, ds.SOPInstanceUID)
+    row = store.find(node.db, ds.SOPInstanceUID)
     assert row.state == "failed" and "could not be read" in row.reason
     assert row.attempts == model_settings.batch.max_attempts
+
+
+def test_a_model_that_returns_too_few_rows_fails_the_batch_leaving_nothing_running(  # type: ignore[no-untyped-def]
+    screening, model_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are zipped to the jobs with strict=True: a short result (a broken model or
+    runtime) is an inference failure of every job, not jobs left ``running`` until the lease ends."""
+    node, _ = screening
+    dss = [make_image(rows=64, cols=64, seed=i) for i in range(3)]
+    assert send(dss, node.port) == [0] * 3
+    engine = Engine(model_settings.model.path)
+    real = engine.probabilities
+    monkeypatch.setattr(engine, "probabilities", lambda batch: real(batch)[:-1])
+    report = pipeline.run_batch(node.db, node.spool, engine, model_settings, "w")
+    assert (report.claimed, report.done, report.failed) == (3, 0, 3)
+    for ds in dss:
+        row = store.find(node.db, ds.SOPInstanceUID)
+        assert row.state == "queued" and row.lease_owner is None  # back in the queue, an attempt spent
+        assert row.attempts == 1 and "inference failed: ValueError: zip() argument 2 is shorter" in row.reason
 
 
 def test_real_chest_dicom_files(screening, shared_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -246,7 +266,7 @@ def test_batch_size_is_respected_and_queue_drains(screening, model_settings: Set
     assert first.claimed == model_settings.batch.size
     rest = run()
     assert rest.done == 19 - model_settings.batch.size
-    assert jobs.counts(node.db) == {"done": 19}
+    assert store.counts(node.db) == {"done": 19}
 
 
 def test_a_restarted_node_takes_back_its_dead_process_leases_at_once(tmp_path: Path, toy_model: Path) -> None:
@@ -274,8 +294,8 @@ def test_a_restarted_node_takes_back_its_dead_process_leases_at_once(tmp_path: P
         n.start()
         try:
             assert send([make_image(rows=64, cols=64, seed=i) for i in range(6)], n.port) == [0] * 6
-            jobs.claim_batch(n.db, 4, f"{host}:{gone.pid}:deadbeef", 300)  # it died holding 4 jobs
-            (held,) = jobs.claim_batch(n.db, 1, f"{host}:{alive.pid}:a11ve000", 300)  # still running
+            store.claim_batch(n.db, 4, f"{host}:{gone.pid}:deadbeef", 300)  # it died holding 4 jobs
+            (held,) = store.claim_batch(n.db, 1, f"{host}:{alive.pid}:a11ve000", 300)  # still running
         finally:
             n.stop()
         r = subprocess.run([sys.executable, "-m", "worker.cli", "batch", "--once", "--data-dir", str(data_dir),
@@ -287,10 +307,10 @@ def test_a_restarted_node_takes_back_its_dead_process_leases_at_once(tmp_path: P
     assert r.returncode == 0, r.stderr
     assert "screened 5, skipped 0, failed 0 of 5 claimed" in r.stdout  # 4 taken back + 1 queued
     assert f"took back 4 job(s) leased by {host}:{gone.pid}:deadbeef" in r.stderr
-    db = jobs.Database.open(s.storage.url)
+    db = store.Database.open(s.storage.url)
     try:
-        assert jobs.counts(db) == {"done": 5, "running": 1}
-        assert jobs.find(db, held.sop_instance_uid).lease_owner == f"{host}:{alive.pid}:a11ve000"
+        assert store.counts(db) == {"done": 5, "running": 1}
+        assert store.find(db, held.sop_instance_uid).lease_owner == f"{host}:{alive.pid}:a11ve000"
     finally:
         db.close()
     audit = [json.loads(ln) for ln in s.storage.audit_path.read_text().splitlines()]
@@ -309,7 +329,7 @@ def _heatmap_settings(model_settings: Settings, model: Path) -> Settings:
 
 
 def test_heatmap_sc_is_built_referenced_and_delivered(model_settings: Settings, tmp_path: Path) -> None:
-    from worker.toymodel import build_toy_heatmap_model
+    from worker.testing.toymodel import build_toy_heatmap_model
 
     s = _heatmap_settings(model_settings, build_toy_heatmap_model(tmp_path / "hm"))
     node = Node(s, batch=False)
@@ -320,7 +340,7 @@ def test_heatmap_sc_is_built_referenced_and_delivered(model_settings: Settings, 
         engine = Engine(s.model.path)
         assert pipeline.drain(node.db, node.spool, engine, s, pipeline.worker_id()).done == 2
         rows = {r.sop_instance_uid: r for r in _rows(node)}
-        deliveries = jobs.deliveries_of(node.db, [r.id for r in rows.values()])
+        deliveries = store.deliveries_of(node.db, [r.id for r in rows.values()])
         for ds in dss:
             row = rows[ds.SOPInstanceUID]
             assert "heatmap_ms" in row.timings
@@ -359,7 +379,7 @@ def test_heatmap_setting_with_a_model_without_heatmaps_screens_as_usual(
         ds = make_image(rows=64, cols=64, seed=3)
         assert send([ds], node.port) == [0]
         assert pipeline.drain(node.db, node.spool, engine, s, pipeline.worker_id()).done == 1
-        row = jobs.find(node.db, ds.SOPInstanceUID)
-        assert [d["kind"] for d in jobs.deliveries_of(node.db, [row.id])[row.id]] == ["sr"]
+        row = store.find(node.db, ds.SOPInstanceUID)
+        assert [d["kind"] for d in store.deliveries_of(node.db, [row.id])[row.id]] == ["sr"]
     finally:
         node.stop()

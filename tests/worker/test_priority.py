@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 from support import make_image, send
 
-from worker import cli, jobs, pipeline
+from worker import cli, pipeline, store
 from worker.engine import Engine
 from worker.modelcard import ModelCard, ModelCardError, Triage
 from worker.node import Node
@@ -83,7 +83,7 @@ def test_one_priority_in_the_database_the_sr_and_status(
         assert send(dss, node.port) == [0, 0, 0]
         assert pipeline.drain(node.db, node.spool, Engine(s.model.path), s, pipeline.worker_id()).done == 3
         for ds in dss:
-            row = jobs.find(node.db, ds.SOPInstanceUID)
+            row = store.find(node.db, ds.SOPInstanceUID)
             assert row.priority == "high" and "P(normal)=" in row.triage_reason
         (res,) = [p for p in (s.storage.data_dir / "results").iterdir()][:1]
         sr = dcmread(res)

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from support import make_image, receive, run_cli
 
-from worker import jobs
+from worker import store
 
 
 def _rows(data: Path) -> list[dict]:
@@ -54,7 +54,7 @@ def test_same_model_version_resends_identical_objects(node_data, toy_model: Path
 
 
 def test_new_model_version_makes_new_objects_beside_the_old(node_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from worker.toymodel import build_toy_model
+    from worker.testing.toymodel import build_toy_model
 
     data, uids = node_data
     results = data / "results"
@@ -90,9 +90,9 @@ def test_rescreen_filters_and_purged_images(node_data) -> None:  # type: ignore[
     r = run_cli("rescreen", "--since", "2999-01-01", "--data-dir", str(data))
     assert r.stdout.strip() == "queued 0 job(s) again for screening"
 
-    db = jobs.Database.open(f"sqlite:///{data / 'triage.db'}")
+    db = store.Database.open(f"sqlite:///{data / 'triage.db'}")
     try:
-        row = jobs.find(db, uids[0])
+        row = store.find(db, uids[0])
     finally:
         db.close()
     (data / "spool" / row.path).unlink()  # as purge does once the results are delivered

@@ -24,11 +24,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import support
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-import support
-from worker import results
 from worker.results import (
     LOCAL_SCHEME,
     SC_MAX_SIDE,
@@ -41,6 +40,8 @@ from worker.results import (
     build_sr,
     finding_code,
     result_uids,
+    sc,
+    sr_reference,
 )
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -502,6 +503,21 @@ def test_sc_of_lossy_source_stays_flagged_lossy() -> None:
     assert build_sc(source_image(), make_result()).LossyImageCompression == "00"
 
 
+@pytest.mark.parametrize(
+    ("syntax", "lossy"),
+    [(pydicom.uid.JPEGBaseline8Bit, True), (pydicom.uid.JPEG2000, True), (pydicom.uid.JPEGLSNearLossless, True),
+     (pydicom.uid.JPEGLosslessSV1, False), (pydicom.uid.JPEG2000Lossless, False), (pydicom.uid.RLELossless, False),
+     (ExplicitVRLittleEndian, False)],
+)
+def test_lossy_by_transfer_syntax_alone(syntax: str, lossy: bool) -> None:
+    """A source without LossyImageCompression is lossy when its transfer syntax is (PS3.3
+    C.7.6.1.1.5); this raised AttributeError for every compressed syntax before (found by mypy)."""
+    src = source_image()
+    src.file_meta.TransferSyntaxUID = syntax
+    assert "LossyImageCompression" not in src
+    assert sc._is_lossy(src) is lossy
+
+
 # --------------------------------------------------------------------------- privacy
 
 
@@ -584,7 +600,7 @@ def _dataset_differences(fast: Dataset, ref: Dataset, path: str = "") -> list[st
             if len(a.value) != len(b.value):
                 out.append(f"{where}: {len(a.value)} items != {len(b.value)}")
             else:
-                for i, (x, y) in enumerate(zip(a.value, b.value)):
+                for i, (x, y) in enumerate(zip(a.value, b.value, strict=True)):
                     out += _dataset_differences(x, y, f"{where}[{i}].")
         elif type(a.value) is not type(b.value) or a.value != b.value or str(a.value) != str(b.value):
             out.append(f"{where}: {type(a.value).__name__} {a.value!r} != {type(b.value).__name__} {b.value!r}")
@@ -599,7 +615,7 @@ def _encoded(ds: Dataset) -> bytes:
 
 def assert_same_as_reference(src: Dataset, result: TriageResult, now: datetime | None = NOW) -> Dataset:
     fast = build_sr(src, result, now=now)
-    ref = results._build_sr_reference(src, result, now=now)
+    ref = sr_reference._build_sr_reference(src, result, now=now)
     diffs = _dataset_differences(fast, ref) + _dataset_differences(fast.file_meta, ref.file_meta, "file_meta.")
     assert diffs == []
     assert fast.preamble == ref.preamble
@@ -732,7 +748,7 @@ def test_fast_sr_templates_are_not_changed_by_callers() -> None:
 def test_fast_sr_is_thread_safe() -> None:
     sources = [source_image() for _ in range(4)]
     results_ = [make_result(p, version=f"9.{i}") for i, p in enumerate(("normal", "pneumonia", "covid19", "covid19"))]
-    expected = [_encoded(results._build_sr_reference(s, r, now=NOW)) for s, r in zip(sources, results_)]
+    expected = [_encoded(sr_reference._build_sr_reference(s, r, now=NOW)) for s, r in zip(sources, results_, strict=True)]
     got: list[list[bytes]] = [[] for _ in sources]
 
     def work(i: int) -> None:
@@ -760,7 +776,7 @@ def test_fast_sr_refuses_what_the_reference_refuses(kind: str) -> None:
         for kw in ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation"):
             del src[kw]
     with pytest.raises(ValueError) as ref_exc:
-        results._build_sr_reference(src, make_result(), now=NOW)
+        sr_reference._build_sr_reference(src, make_result(), now=NOW)
     with pytest.raises(ValueError) as fast_exc:
         build_sr(src, make_result(), now=NOW)
     assert str(fast_exc.value) == str(ref_exc.value)

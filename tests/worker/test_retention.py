@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import update
 from support import make_image, receive, run_cli, wait_for
 
-from worker import jobs
+from worker import store
 from worker.settings import Settings
 
 
@@ -23,13 +23,13 @@ def screened(tmp_path: Path, toy_model: Path) -> tuple[Settings, list[str]]:
     s = receive(data_dir, dss)
     r = run_cli("batch", "--once", "--data-dir", str(data_dir), "--model", str(toy_model))
     assert r.returncode == 0 and "results sent 3" in r.stdout, r.stdout + r.stderr
-    db = jobs.Database.open(s.storage.url)
+    db = store.Database.open(s.storage.url)
     try:
-        third = jobs.find(db, dss[2].SOPInstanceUID)
+        third = store.find(db, dss[2].SOPInstanceUID)
         with db.sessions.begin() as sess:
-            sess.execute(update(jobs.Instance).values(finished_at=jobs.utcnow() - dt.timedelta(days=40)))
-            sess.execute(update(jobs.Delivery).where(jobs.Delivery.instance_id == third.id)
-                         .values(state=jobs.SendState.PENDING.value, next_attempt_at=jobs.utcnow() + dt.timedelta(days=1)))
+            sess.execute(update(store.Instance).values(finished_at=store.utcnow() - dt.timedelta(days=40)))
+            sess.execute(update(store.Delivery).where(store.Delivery.instance_id == third.id)
+                         .values(state=store.SendState.PENDING.value, next_attempt_at=store.utcnow() + dt.timedelta(days=1)))
     finally:
         db.close()
     return s, [d.SOPInstanceUID for d in dss]
@@ -109,7 +109,7 @@ def test_the_batch_scheduler_purges_when_it_starts(screened, toy_model: Path) ->
 
     s, uids = screened
     s = dataclasses.replace(s, storage=dataclasses.replace(s.storage, retention_days=30))
-    db = jobs.Database.open(s.storage.url)
+    db = store.Database.open(s.storage.url)
     sched = BatchScheduler(db, Spool(s.storage.spool_path), Engine(toy_model), s)
     sched.start()
     try:

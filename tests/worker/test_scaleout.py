@@ -11,10 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import wait_for
-from support import make_image, send
+from sqlalchemy import select
+from support import make_image, send, wait_for
 
-from worker import jobs
+from worker import store
 from worker.node import Node
 from worker.settings import load_settings
 
@@ -41,13 +41,13 @@ def test_workers_drain_the_queue_once_each_even_when_one_is_killed(pg_fresh_url:
            "--model", str(toy_model)]
     workers = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                for _ in range(n_workers)]
-    db = jobs.Database.open(pg_fresh_url, upgrade=False)
+    db = store.Database.open(pg_fresh_url, upgrade=False)
     try:
-        assert wait_for(lambda: jobs.counts(db).get("done", 0) >= 6, timeout=120)
+        assert wait_for(lambda: store.counts(db).get("done", 0) >= 6, timeout=120)
         workers[0].send_signal(signal.SIGKILL)  # dies holding a lease, maybe mid-batch
         workers[0].wait(10)
-        assert wait_for(lambda: jobs.counts(db) == {"done": n_jobs}, timeout=180), jobs.counts(db)
-        assert wait_for(lambda: jobs.delivery_counts(db) == {"sent": n_jobs}, timeout=120)
+        assert wait_for(lambda: store.counts(db) == {"done": n_jobs}, timeout=180), store.counts(db)
+        assert wait_for(lambda: store.delivery_counts(db) == {"sent": n_jobs}, timeout=120)
     finally:
         for w in workers[1:]:
             w.send_signal(signal.SIGTERM)
@@ -56,7 +56,7 @@ def test_workers_drain_the_queue_once_each_even_when_one_is_killed(pg_fresh_url:
 
     # nothing left running with an expired lease, each job finished once (audit), one SR each
     with db.sessions() as s:
-        rows = list(s.scalars(jobs.select(jobs.Instance)))
+        rows = list(s.scalars(select(store.Instance)))
     assert all(r.lease_owner is None and r.state == "done" for r in rows)
     audit = [json.loads(x) for x in (data_dir / "audit.jsonl").read_text().splitlines()]
     finished = Counter(d["sop_instance_uid"] for d in audit if d["event"] == "job_finished")

@@ -7,16 +7,15 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from support import wait_for
-from support import make_image, send
+from support import make_image, send, wait_for
 
-from worker import jobs
+from worker import store
 from worker.engine import Engine
 from worker.node import Node
 from worker.scheduler import BatchScheduler, make_trigger, missed_run, should_start
 from worker.settings import Destination, Settings
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _with(settings: Settings, **schedule: object) -> Settings:
@@ -59,8 +58,8 @@ def listener_node(model_settings: Settings, tmp_path: Path):  # type: ignore[no-
     n.stop()
 
 
-def _all_done(db: jobs.Database, n: int) -> bool:
-    return jobs.counts(db) == {"done": n}
+def _all_done(db: store.Database, n: int) -> bool:
+    return store.counts(db) == {"done": n}
 
 
 def test_continuous_mode_screens_as_images_arrive(listener_node) -> None:  # type: ignore[no-untyped-def]
@@ -71,7 +70,7 @@ def test_continuous_mode_screens_as_images_arrive(listener_node) -> None:  # typ
     try:
         assert send([make_image(rows=64, cols=64, seed=i) for i in range(3)], node.port) == [0, 0, 0]
         assert wait_for(lambda: _all_done(node.db, 3), timeout=20)
-        assert wait_for(lambda: jobs.delivery_counts(node.db) == {"sent": 3}, timeout=10)
+        assert wait_for(lambda: store.delivery_counts(node.db) == {"sent": 3}, timeout=10)
     finally:
         sched.stop()
 
@@ -93,7 +92,7 @@ def test_cron_catch_up_after_downtime(listener_node) -> None:  # type: ignore[no
     node, s = listener_node
     assert send([make_image(rows=64, cols=64, seed=i) for i in range(2)], node.port) == [0, 0]
     # images queued at "01:59"; the node was down at the 02:00 run and starts at 02:10
-    received = jobs.oldest_waiting(node.db).received_at
+    received = store.oldest_waiting(node.db).received_at
     run_time = (received + dt.timedelta(minutes=1)).replace(second=0, microsecond=0)
     cron = f"{run_time.minute} {run_time.hour} * * *"
     s = _with(s, mode="cron", cron=cron, misfire_grace_seconds=3600)
@@ -117,7 +116,7 @@ def test_no_catch_up_outside_grace(listener_node) -> None:  # type: ignore[no-un
     sched.start()
     try:
         assert not wait_for(lambda: _all_done(node.db, 1), timeout=1.5)
-        assert jobs.counts(node.db) == {"queued": 1}
+        assert store.counts(node.db) == {"queued": 1}
     finally:
         sched.stop()
 
@@ -130,4 +129,4 @@ def test_max_batch_seconds_leaves_the_rest_queued(listener_node) -> None:  # typ
     sched = BatchScheduler(node.db, node.spool, Engine(s.model.path), s)
     rep = sched.run_once(force=True)
     assert rep.claimed == s.batch.size
-    assert jobs.counts(node.db) == {"done": s.batch.size, "queued": 3}
+    assert store.counts(node.db) == {"done": s.batch.size, "queued": 3}

@@ -15,11 +15,10 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from support import free_port, make_image, send, to_bytes
 
-from worker import jobs, sender, tls
+from worker import sender, store, tls
 from worker.node import Node
 from worker.settings import Destination, Settings
 from worker.spool import Spool
-
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -106,7 +105,7 @@ def test_dcmtk_storescu_over_tls(tls_node: Node, pki: dict[str, Path], tmp_path:
             "+cf", str(pki["ca_crt"]), "+py"]
     r = subprocess.run([*base, "127.0.0.1", str(tls_node.port), str(f)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert jobs.find(tls_node.db, ds.SOPInstanceUID) is not None
+    assert store.find(tls_node.db, ds.SOPInstanceUID) is not None
     # a client certificate from another CA is refused
     other = ["storescu", "-aec", "CXRTRIAGE", "+tls", str(pki["other-ca_key"]), str(pki["other-ca_crt"]),
              "+cf", str(pki["ca_crt"]), "127.0.0.1", str(tls_node.port), str(f)]
@@ -131,19 +130,19 @@ class _TLSSCP:
 
 def test_sender_over_tls_verifies_the_peer(settings: Settings, pki: dict[str, Path], tmp_path: Path) -> None:
     scp = _TLSSCP(pki)
-    db = jobs.Database.open(f"sqlite:///{tmp_path / 'q.db'}")
+    db = store.Database.open(f"sqlite:///{tmp_path / 'q.db'}")
     spool = Spool(tmp_path / "spool")
     try:
         obj = make_image(rows=32, cols=32)
         rel = Spool.result_relpath_for(obj.SOPInstanceUID)
         spool.write(rel, to_bytes(obj))
         src = make_image(rows=32, cols=32)
-        jobs.enqueue(db, jobs.Received(src.SOPInstanceUID, src.SOPClassUID, None, None, None, "CR",
+        store.enqueue(db, store.Received(src.SOPInstanceUID, src.SOPClassUID, None, None, None, "CR",
                                        "1.2.840.10008.1.2.1", None, "x", 1, "0" * 64))
-        (c,) = jobs.claim_batch(db, 1, "w", 60)
-        jobs.finish(db, "w", [jobs.Outcome(c.id, jobs.State.DONE, predicted_class="normal",
+        (c,) = store.claim_batch(db, 1, "w", 60)
+        store.finish(db, "w", [store.Outcome(c.id, store.State.DONE, predicted_class="normal",
                                            probabilities={"normal": 1.0}, priority="routine")],
-                    deliveries={c.id: [jobs.NewDelivery(n, "sr", obj.SOPClassUID, obj.SOPInstanceUID, rel)
+                    deliveries={c.id: [store.NewDelivery(n, "sr", obj.SOPClassUID, obj.SOPInstanceUID, rel)
                                        for n in ("wrongca", "pacs")]},
                     model_name="m", model_version="1", model_precision="f32", max_attempts=3)
         dests = [
@@ -158,7 +157,7 @@ def test_sender_over_tls_verifies_the_peer(settings: Settings, pki: dict[str, Pa
         assert rep.sent == 1 and rep.failed == 1
         assert scp.received == [obj.SOPInstanceUID]
         with db.sessions() as ses:
-            states = {d.destination: d.state for d in ses.scalars(select(jobs.Delivery))}
+            states = {d.destination: d.state for d in ses.scalars(select(store.Delivery))}
         assert states == {"pacs": "sent", "wrongca": "send_failed"}
     finally:
         scp.server.shutdown()
@@ -172,7 +171,7 @@ def test_peer_allow_list(settings: Settings) -> None:
     try:
         assert send([make_image(rows=32, cols=32)], n.port) == [None]
         with n.db.sessions() as ses:
-            (ev,) = ses.scalars(select(jobs.IntakeEvent))
+            (ev,) = ses.scalars(select(store.IntakeEvent))
         assert ev.kind == "association_rejected" and "127.0.0.1 is not in listener.allowed_peers" in ev.reason
     finally:
         n.stop()
@@ -193,9 +192,9 @@ def test_object_size_limit(settings: Settings) -> None:
         big = make_image(rows=1024, cols=1024)  # 2 MB of pixels
         small = make_image(rows=64, cols=64)
         assert send([big, small], n.port) == [0xA700, 0]
-        assert jobs.find(n.db, big.SOPInstanceUID) is None
+        assert store.find(n.db, big.SOPInstanceUID) is None
         with n.db.sessions() as ses:
-            (ev,) = ses.scalars(select(jobs.IntakeEvent))
+            (ev,) = ses.scalars(select(store.IntakeEvent))
         assert "exceeds listener.max_object_mb" in ev.reason
     finally:
         n.stop()

@@ -13,7 +13,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 from support import free_port, make_image, to_bytes
 
-from worker import jobs, sender
+from worker import sender
+from worker import store as db_store
 from worker.settings import Destination, Settings
 from worker.spool import Spool
 
@@ -47,8 +48,8 @@ class ScriptedSCP:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[tuple[jobs.Database, Spool]]:
-    db = jobs.Database.open(f"sqlite:///{tmp_path / 'q.db'}")
+def store(tmp_path: Path) -> Iterator[tuple[db_store.Database, Spool]]:
+    db = db_store.Database.open(f"sqlite:///{tmp_path / 'q.db'}")
     yield db, Spool(tmp_path / "spool")
     db.close()
 
@@ -59,7 +60,7 @@ def _settings(settings: Settings, *dests: Destination, **send: object) -> Settin
     )
 
 
-def _result(db: jobs.Database, spool: Spool, dests: list[str], n: int = 1) -> list[str]:
+def _result(db: db_store.Database, spool: Spool, dests: list[str], n: int = 1) -> list[str]:
     """Queue ``n`` done jobs, each with a result object (a small image) for the destinations."""
     uids = []
     for i in range(n):
@@ -67,20 +68,20 @@ def _result(db: jobs.Database, spool: Spool, dests: list[str], n: int = 1) -> li
         obj = make_image(rows=32, cols=32, seed=100 + i)
         rel = Spool.result_relpath_for(obj.SOPInstanceUID)
         spool.write(rel, to_bytes(obj))
-        jobs.enqueue(db, jobs.Received(src.SOPInstanceUID, src.SOPClassUID, None, None, None, "CR", "1.2.840.10008.1.2.1",
+        db_store.enqueue(db, db_store.Received(src.SOPInstanceUID, src.SOPClassUID, None, None, None, "CR", "1.2.840.10008.1.2.1",
                                        None, "x", 1, "0" * 64))
-        (c,) = jobs.claim_batch(db, 1, "w", 60)
-        jobs.finish(db, "w", [jobs.Outcome(c.id, jobs.State.DONE, predicted_class="normal",
+        (c,) = db_store.claim_batch(db, 1, "w", 60)
+        db_store.finish(db, "w", [db_store.Outcome(c.id, db_store.State.DONE, predicted_class="normal",
                                            probabilities={"normal": 1.0}, priority="routine")],
-                    deliveries={c.id: [jobs.NewDelivery(d, "sr", obj.SOPClassUID, obj.SOPInstanceUID, rel) for d in dests]},
+                    deliveries={c.id: [db_store.NewDelivery(d, "sr", obj.SOPClassUID, obj.SOPInstanceUID, rel) for d in dests]},
                     model_name="m", model_version="1", model_precision="f32", max_attempts=3)
         uids.append(obj.SOPInstanceUID)
     return uids
 
 
-def _deliveries(db: jobs.Database) -> list[jobs.Delivery]:
+def _deliveries(db: db_store.Database) -> list[db_store.Delivery]:
     with db.sessions() as s:
-        return list(s.scalars(select(jobs.Delivery).order_by(jobs.Delivery.id)))
+        return list(s.scalars(select(db_store.Delivery).order_by(db_store.Delivery.id)))
 
 
 def test_folder_destination_writes_each_object_once(store, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -146,7 +147,7 @@ def test_unreachable_peer_ends_send_failed_then_resend_delivers(store, settings:
     scp = ScriptedSCP([], aet="PACS")
     try:
         s2 = _settings(settings, dataclasses.replace(dest, port=scp.port))
-        assert jobs.resend(db, sop_instance_uid=uid) == 1
+        assert db_store.resend(db, sop_instance_uid=uid) == 1
         assert sender.send_due(db, spool, s2).sent == 1
         assert scp.received == [uid] and _deliveries(db)[0].state == "sent"
     finally:

@@ -22,10 +22,9 @@ pytest.importorskip("starlette", reason="the web extra (starlette, jinja2, uvico
 
 from pydicom import dcmread  # noqa: E402
 from support import free_port, make_image, send  # noqa: E402
-
 from test_security import pki  # noqa: E402,F401  (the test CA and certificates, a fixture)
 
-from worker import cli, jobs, pipeline  # noqa: E402
+from worker import cli, pipeline, store  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 from worker.modelcard import ModelCard, default_model_dir  # noqa: E402
 from worker.node import Node  # noqa: E402
@@ -276,7 +275,7 @@ def test_browser_table_refreshes_without_reload(screened, browser) -> None:  # t
     assert _until(lambda: len(_rows(browser)) == before + 1, timeout=15)
     assert browser.execute_script("return window.__marker;") == 42
     with node.db.sessions.begin() as s:  # leave the module's node as it was for the other tests
-        s.query(jobs.Instance).filter(jobs.Instance.sop_instance_uid == new.SOPInstanceUID).delete()
+        s.query(store.Instance).filter(store.Instance.sop_instance_uid == new.SOPInstanceUID).delete()
 
 
 @needs_browser
@@ -332,7 +331,7 @@ def test_serve_web_port_flag_and_environment(tmp_path: Path) -> None:
             env["CXR_TRIAGE_WEB_PORT"] = str(web_port)
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            def up() -> bool:
+            def up(web_port: int = web_port, proc: subprocess.Popen[str] = proc) -> bool:
                 try:
                     return _get(f"http://127.0.0.1:{web_port}/api/studies")[0] == 200
                 except OSError:
@@ -357,7 +356,7 @@ def test_worklist_links_each_heatmap_and_serves_it_as_png(tmp_path: Path) -> Non
 
     from PIL import Image
 
-    from worker.toymodel import build_toy_heatmap_model
+    from worker.testing.toymodel import build_toy_heatmap_model
 
     s = _settings(tmp_path / "var")
     s = dataclasses.replace(s, model=dataclasses.replace(s.model, path=build_toy_heatmap_model(tmp_path / "hm")),

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from worker import jobs
+from worker import store
 from worker.modelcard import ModelCard
 from worker.settings import Settings
 from worker.spool import Spool
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class WebServer:
     """uvicorn in a daemon thread; :meth:`stop` ends it."""
 
-    def __init__(self, settings: Settings, db: jobs.Database, spool: Spool, card: ModelCard | None) -> None:
+    def __init__(self, settings: Settings, db: store.Database, spool: Spool, card: ModelCard | None) -> None:
         import uvicorn
 
         from worker.web.pages import Pages
@@ -39,7 +39,7 @@ class WebServer:
         self._thread = threading.Thread(target=self.server.run, name="cxr-triage-web", daemon=True)
         self.scheme = "https" if w.tls_cert else "http"
 
-    def start(self, timeout: float = 15.0) -> "WebServer":
+    def start(self, timeout: float = 15.0) -> WebServer:
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

@@ -25,7 +25,10 @@ def hash_password(password: str, *, iterations: int = ITERATIONS, salt: bytes | 
     """The value for ``web.password_hash``."""
     salt = salt or secrets.token_bytes(16)
     digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
-    b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
+
+    def b64(b: bytes) -> str:
+        return base64.b64encode(b).decode("ascii")
+
     return f"pbkdf2_sha256${iterations}${b64(salt)}${b64(digest)}"
 
 

@@ -13,18 +13,17 @@ import datetime as dt
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlencode
 
 from pydicom import dcmread
-from sqlalchemy import func, select
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from worker import jobs, worklist
+from worker import store, worklist
 from worker.modelcard import ModelCard
 from worker.priority import PRIORITIES, PriorityMap
 from worker.settings import Settings
@@ -92,7 +91,7 @@ def _when(text: str | None, end: bool = False) -> dt.datetime | None:
     except ValueError:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     if end and len(text) == 10:
         when += dt.timedelta(days=1)
     return when
@@ -111,7 +110,7 @@ def _age(seconds: float) -> str:
 class Pages:
     """The state behind the routes: settings, database, spool, model card, login gate."""
 
-    def __init__(self, settings: Settings, db: jobs.Database, spool: Spool, card: ModelCard | None) -> None:
+    def __init__(self, settings: Settings, db: store.Database, spool: Spool, card: ModelCard | None) -> None:
         self.settings, self.db, self.spool, self.card = settings, db, spool, card
         self.pmap = (PriorityMap.build(card, settings.triage.priorities, settings.triage.thresholds)
                      if card is not None else None)
@@ -137,7 +136,7 @@ class Pages:
     def guard(self, handler: Any, api: bool = False) -> Any:
         async def wrapped(request: Request) -> Response:
             if self._authorised(request):
-                return await handler(request)
+                return cast(Response, await handler(request))
             if api:
                 return JSONResponse({"error": "login required"}, status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
@@ -149,7 +148,7 @@ class Pages:
 
     def _filters(self, request: Request, default_states: tuple[str, ...] = ()) -> worklist.Filters:
         q = request.query_params
-        states = [s for s in q.getlist("state") if s in {st.value for st in jobs.State}]
+        states = [s for s in q.getlist("state") if s in {st.value for st in store.State}]
         limit = q.get("limit", "1000")
         return worklist.Filters(
             states=tuple(states) or default_states,
@@ -162,10 +161,8 @@ class Pages:
     def _display(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows for the table: what the page shows beside the API's fields."""
         uids = [r["sop_instance_uid"] for r in rows]
-        with self.db.sessions() as s:
-            paths = dict(s.execute(select(jobs.Instance.sop_instance_uid, jobs.Instance.path)
-                                   .where(jobs.Instance.sop_instance_uid.in_(uids))).all()) if uids else {}
-        now = jobs.utcnow()
+        paths = store.instance_paths(self.db, uids)
+        now = store.utcnow()
         out = []
         for r in rows:
             received = dt.datetime.fromisoformat(r["received_at"].replace("Z", "+00:00"))
@@ -188,7 +185,7 @@ class Pages:
         f = self._filters(request, WAITING)
         rows = self._display(worklist.rows(self.db, f, order="worklist"))
         return self._page(request, "worklist.html", rows=rows, q=request.query_params,
-                          counts=jobs.priority_counts(self.db), refresh=self.settings.web.refresh_seconds,
+                          counts=store.priority_counts(self.db), refresh=self.settings.web.refresh_seconds,
                           show_names=self.settings.web.show_patient_names)
 
     async def rows_fragment(self, request: Request) -> Response:
@@ -202,9 +199,7 @@ class Pages:
         """The heatmap Secondary Capture of one image (issue 17, worker/overlay.py) as a PNG, from
         the spool; 404 when there is none (heatmaps off, not yet screened, or purged)."""
         uid = request.path_params["sop"]
-        with self.db.sessions() as s:
-            path = s.scalar(select(jobs.Delivery.path).join(jobs.Instance, jobs.Delivery.instance_id == jobs.Instance.id)
-                            .where(jobs.Instance.sop_instance_uid == uid, jobs.Delivery.kind == "heatmap").limit(1))
+        path = store.delivery_path(self.db, uid, "heatmap")
         try:
             if not path:
                 raise FileNotFoundError(uid)
@@ -239,19 +234,17 @@ class Pages:
                           split=metrics.get("split"), n=metrics.get("n"))
 
     async def queue_page(self, request: Request) -> Response:
-        counts = jobs.counts(self.db)
-        waiting, oldest = jobs.queued_summary(self.db)
-        with self.db.sessions() as s:
-            per_dest = s.execute(select(jobs.Delivery.destination, jobs.Delivery.state, func.count())
-                                 .group_by(jobs.Delivery.destination, jobs.Delivery.state)).all()
-            refused = s.scalar(select(func.count()).where(jobs.IntakeEvent.kind != "duplicate")) or 0
+        counts = store.counts(self.db)
+        waiting, oldest = store.queued_summary(self.db)
+        per_dest = store.delivery_counts_by_destination(self.db)
+        refused = store.intake_event_count(self.db, not_kinds=["duplicate"])
         dests: dict[str, dict[str, int]] = {}
         for name, state, n in per_dest:
-            dests.setdefault(name, {st.value: 0 for st in jobs.SendState})[state] = n
-        by_priority = jobs.priority_counts(self.db)
-        return self._page(request, "queue.html", counts={st.value: counts.get(st.value, 0) for st in jobs.State},
+            dests.setdefault(name, {st.value: 0 for st in store.SendState})[state] = n
+        by_priority = store.priority_counts(self.db)
+        return self._page(request, "queue.html", counts={st.value: counts.get(st.value, 0) for st in store.State},
                           by_priority={p: by_priority.get(p, 0) for p in PRIORITIES}, dests=dests,
-                          waiting=waiting, oldest=_age((jobs.utcnow() - oldest).total_seconds()) if oldest else None,
+                          waiting=waiting, oldest=_age((store.utcnow() - oldest).total_seconds()) if oldest else None,
                           refused=refused)
 
     async def login_form(self, request: Request) -> Response:
@@ -268,9 +261,9 @@ class Pages:
                            secure=self.settings.web.tls_cert is not None, max_age=12 * 3600)
             return rsp
         log.warning("web login failed from %s", request.client.host if request.client else "?")
-        rsp = self._page(request, "login.html", next=nxt, failed=True)
-        rsp.status_code = 401
-        return rsp
+        page = self._page(request, "login.html", next=nxt, failed=True)
+        page.status_code = 401
+        return page
 
     async def logout(self, request: Request) -> Response:
         rsp = RedirectResponse("/login", status_code=303)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 
-from worker.modelcard import OUTPUTS, DEFAULT_TRIAGE_RULE, ModelCard, write_card
+from worker.modelcard import DEFAULT_TRIAGE_RULE, OUTPUTS, ModelCard, write_card
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,15 @@ def toy_weights(n_classes: int, size: tuple[int, int], channels: int, seed: int)
     return weights.astype(np.float32), bias.astype(np.float32)
 
 
-def _check_args(classes: Sequence[str], size: Sequence[int], channels: int, output: str) -> tuple[tuple[str, ...], tuple[int, int]]:
+def _check_args(
+    classes: Sequence[str], size: Sequence[int], channels: int, output: str
+) -> tuple[tuple[str, ...], tuple[int, int]]:
     classes_t = tuple(classes)
-    if len(classes_t) < 2 or len(set(classes_t)) != len(classes_t) or not all(isinstance(c, str) and c for c in classes_t):
+    if (
+        len(classes_t) < 2
+        or len(set(classes_t)) != len(classes_t)
+        or not all(isinstance(c, str) and c for c in classes_t)
+    ):
         raise ValueError(f"classes must be at least 2 unique non-empty strings (got {classes!r})")
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
         raise ValueError(f"size must be (height, width), two positive integers (got {size!r})")
@@ -128,7 +135,7 @@ def build_toy_model(
         "schema": 1,
         "name": name,
         "version": version,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "architecture": f"toy: avgpool {kh}x{kw} + linear (openvino opset14)",
         "precision": "f32",
         "classes": list(classes_t),
@@ -165,11 +172,13 @@ def toy_reference(card: ModelCard, batch: np.ndarray) -> np.ndarray:
     logits = pooled.reshape(n, -1) @ weights.astype(np.float64) + bias.astype(np.float64)
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return cast(np.ndarray, e / e.sum(axis=1, keepdims=True))
 
 
 #: Quadrants of :func:`build_toy_heatmap_model`: (row half, column half) of the input.
-QUADRANTS: Mapping[str, tuple[int, int]] = {"top_left": (0, 0), "top_right": (0, 1), "bottom_left": (1, 0), "bottom_right": (1, 1)}
+QUADRANTS: Mapping[str, tuple[int, int]] = {
+    "top_left": (0, 0), "top_right": (0, 1), "bottom_left": (1, 0), "bottom_right": (1, 1),
+}
 
 
 def build_toy_heatmap_model(
@@ -246,7 +255,7 @@ def build_toy_heatmap_model(
     mean, std = _IMAGENET
     card: dict[str, Any] = {
         "schema": 1, "name": name, "version": version,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "architecture": f"toy heatmap model: {quadrant} quadrant -> {classes_t[-1]} (openvino opset14)",
         "precision": "f32", "classes": list(classes_t), "output": "probabilities",
         "input": {"size": [h, w], "channels": 3, "mean": list(mean), "std": list(std), "layout": "NCHW"},

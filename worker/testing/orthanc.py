@@ -11,9 +11,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from support import free_port
+from worker.testing.scu import free_port
 
 
 class Orthanc:
@@ -52,7 +52,7 @@ class Orthanc:
             "StableAge": 1,
         }
 
-    def start(self, timeout: float = 30) -> "Orthanc":
+    def start(self, timeout: float = 30) -> Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(self._config(), indent=2))
@@ -96,16 +96,18 @@ class Orthanc:
 
     def upload(self, dicom_bytes: bytes) -> str:
         """Store a DICOM file over REST; returns Orthanc's instance id."""
-        return self.post("/instances", dicom_bytes, "application/dicom")["ID"]
+        return str(self.post("/instances", dicom_bytes, "application/dicom")["ID"])
 
     def find_instances(self, **query: str) -> list[dict[str, Any]]:
-        return self.post("/tools/find", {"Level": "Instance", "Query": query, "Expand": True})
+        return cast(
+            list[dict[str, Any]], self.post("/tools/find", {"Level": "Instance", "Query": query, "Expand": True})
+        )
 
     def tags(self, instance_id: str) -> dict[str, Any]:
-        return self.get(f"/instances/{instance_id}/simplified-tags")
+        return cast(dict[str, Any], self.get(f"/instances/{instance_id}/simplified-tags"))
 
     def file(self, instance_id: str) -> bytes:
-        return self._req("GET", f"/instances/{instance_id}/file")
+        return cast(bytes, self._req("GET", f"/instances/{instance_id}/file"))
 
 
 def auth_header(user: str, password: str) -> str:  # pragma: no cover - kept for secured set-ups
