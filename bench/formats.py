@@ -140,7 +140,7 @@ def _ov_throughput(compiled, x: np.ndarray, seconds: float = 6.0) -> dict[str, A
 # ------------------------------------------------------------------------------------ child
 
 
-def child(fmt: str, work: Path, iters: int) -> dict[str, Any]:
+def child(fmt: str, work: Path, iters: int, worker_model: str | None = None) -> dict[str, Any]:
     x = np.load(work / "inputs.npy")
     x1 = np.ascontiguousarray(x[:1])
     res: dict[str, Any] = {"format": fmt}
@@ -205,7 +205,7 @@ def child(fmt: str, work: Path, iters: int) -> dict[str, Any]:
     elif fmt == "worker-int8":
         from worker.engine import Engine
 
-        eng = Engine(work / "ir_int8")
+        eng = Engine(Path(worker_model) if worker_model else work / "ir_int8")
         eng.infer(x1)
         res["load_s"] = time.perf_counter() - t0
         res["engine"] = repr(eng)
@@ -348,13 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=40, help="batch-1 latency iterations")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument(
+        "--worker-model", default=None,
+        help="model folder for worker-int8 (e.g. worker/default_model; default: the INT8 IR prepared here)",
+    )
+    ap.add_argument(
         "--rounds", type=int, default=1, help="measure every format this many times, alternating; keep each one's best"
     )
     ap.add_argument("--skip-prepare", action="store_true", help="reuse bench/out/formats from a previous run")
     args = ap.parse_args(argv)
 
     if args.child:
-        print(json.dumps(child(args.child, WORK, args.iters)))
+        print(json.dumps(child(args.child, WORK, args.iters, args.worker_model)))
         return 0
 
     load0 = os.getloadavg()
@@ -365,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         this: list[dict[str, Any]] = []
         for fmt in formats:
             print(f"round {rnd + 1}/{args.rounds}: measuring {fmt} ...", file=sys.stderr, flush=True)
-            p = subprocess.run([sys.executable, __file__, "--child", fmt, "--iters", str(args.iters)],
+            extra = ["--worker-model", str(Path(args.worker_model).resolve())] if args.worker_model else []
+            p = subprocess.run([sys.executable, __file__, "--child", fmt, "--iters", str(args.iters), *extra],
                                capture_output=True, text=True, cwd=REPO)
             try:
                 r = json.loads(p.stdout.strip().splitlines()[-1])
