@@ -797,18 +797,3 @@ def _timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def test_lossy_flag_follows_the_transfer_syntax_on_pydicom_3_0() -> None:
-    """pydicom 3.0 has no UID.is_lossless: the SC of any compressed source used to fail with an
-    AttributeError (seen with the demo's JPEG samples, issue 17)."""
-    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, RLELossless
-
-    from worker.results import _is_lossy
-
-    for ts, lossy in ((JPEGBaseline8Bit, True), (JPEG2000, True), (JPEGLosslessSV1, False),
-                      (JPEG2000Lossless, False), (RLELossless, False), (ExplicitVRLittleEndian, False)):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ts
-        assert _is_lossy(ds) is lossy, ts.name
