@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
 from sqlalchemy import select
-from support import free_port, make_image, send, to_bytes
+from support import echo, free_port, make_image, send, to_bytes
 
 from worker import sender, store, tls
 from worker.node import Node
@@ -52,17 +51,7 @@ def _tls_node(settings: Settings, pki: dict[str, Path], require_client: bool) ->
 
 
 def _tls_echo(port: int, ctx: ssl.SSLContext | None) -> int | None:
-    ae = AE(ae_title="TLSSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXRTRIAGE", tls_args=(ctx, "127.0.0.1") if ctx else None)
-    if not assoc.is_established:
-        return None
-    try:
-        status = assoc.send_c_echo()
-        return int(status.Status) if status and "Status" in status else None
-    finally:
-        assoc.release()
+    return echo(port, calling="TLSSCU", timeout=5, tls=ctx)
 
 
 @pytest.fixture

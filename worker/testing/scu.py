@@ -5,6 +5,7 @@ ports, and a short-poll wait.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 
@@ -52,12 +53,13 @@ def send(
     return out
 
 
-def echo(port: int, *, calling: str = "TESTSCU", called: str = "CXRTRIAGE") -> int | None:
-    """C-ECHO; the status, or None when no association could be made."""
+def echo(port: int, *, calling: str = "TESTSCU", called: str = "CXRTRIAGE", timeout: float = 10,
+         tls: ssl.SSLContext | None = None) -> int | None:
+    """C-ECHO (over TLS with ``tls``); the status, or None when no association could be made."""
     ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=(tls, "127.0.0.1") if tls else None)
     if not assoc.is_established:
         return None
     try:
