@@ -1,7 +1,7 @@
 """worker/heatmap.py and Engine.infer_maps: exact Grad-CAM from the head's weights (issue 17).
 
 The torch autograd comparison on the real checkpoint is the conversion stage's gate
-(tests/conversion/test_heatmap.py); here the oracle is the model whose answer is known: a toy IR
+(tests/conversion/test_heatmap_export.py); here the oracle is the model whose answer is known: a toy IR
 whose COVID-19 score comes from one image quadrant only.
 """
 
