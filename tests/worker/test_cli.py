@@ -294,11 +294,14 @@ def test_model_of_another_folder(tmp_path: Path, toy_model: Path) -> None:
 
 
 def test_query_and_resend_check_their_arguments(tmp_path: Path) -> None:
+    from worker.modelcard import ModelCard, default_model_dir
+
+    card = ModelCard.load(default_model_dir())  # the message names the shipped model, whatever its version
     data = tmp_path / "var"
     assert cli.main(["migrate", "--data-dir", str(data)]) == 0
     cases = [
         (["query", "--class", "covid"],
-         "cxr-triage query: --class 'covid' is not a class of model cxr-hybrid-3class 1.0.0 "
+         f"cxr-triage query: --class 'covid' is not a class of model {card.name} {card.version} "
          "(classes: normal, pneumonia, covid19)"),
         (["query", "--min-probability", "1.5"], "cxr-triage query: --min-probability must be a probability in [0, 1], got 1.5"),
         (["query", "--min-probability", "-0.1"], "cxr-triage query: --min-probability must be a probability in [0, 1], got -0.1"),
