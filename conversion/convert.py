@@ -311,7 +311,7 @@ class _Conversion:
             return
         t = time.perf_counter()
         self.provisional_card(d, "f32")
-        x_hm = self.test.x[self.parity_idx][:HM_GATE_IMAGES]
+        self.x_hm = x_hm = self.test.x[self.parity_idx][:HM_GATE_IMAGES]
         ex = HM.exactness(self.model, compile_ir(ov_fp32, "f32"), d, x_hm, len(self.classes))
         self.hm_ref = ex.pop("reference")
         self.gate(G.check("heatmap_exact", ex["max_abs_diff"],
@@ -326,8 +326,7 @@ class _Conversion:
         self.heatmaps[d] = HM.attach(d, model)
         self.provisional_card(d, precision)
         if d == self.stage and precision == "int8" and self.heatmaps[d] and self.hm_ref is not None:
-            self.hm_info["int8"] = HM.deployed_agreement(d, "int8", self.test.x[self.parity_idx][:HM_GATE_IMAGES],
-                                                         self.hm_ref)
+            self.hm_info["int8"] = HM.deployed_agreement(d, "int8", self.x_hm, self.hm_ref)
 
     def measure_float(self) -> None:
         """The float IR through the worker's engine (provisional card), at f32 and, if asked, bf16."""

@@ -80,7 +80,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _datasets(ckpt: Mapping[str, Any], manifest: Path, classes: Sequence[str], spec: Any, label: str,
-              cache_dir: str | None) -> tuple[Any, Any]:
+              cache_dir: str | None, seed: int) -> tuple[Any, Any]:
     from training.cache import GreyCache
     from training.data import Augment, ManifestDataset, read_manifest
 
@@ -92,7 +92,7 @@ def _datasets(ckpt: Mapping[str, Any], manifest: Path, classes: Sequence[str], s
     mk: dict[str, Any] = dict(classes=list(classes), label=label, spec=spec, grey_cache=cache)
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
-    return ManifestDataset(train, augment=aug, seed=0, **mk), ManifestDataset(val, **mk)
+    return ManifestDataset(train, augment=aug, seed=seed, **mk), ManifestDataset(val, **mk)
 
 
 def _class_weights(ckpt: Mapping[str, Any], counts: Sequence[int]) -> torch.Tensor | None:
@@ -151,7 +151,7 @@ def quantization_aware_training(
         torch.set_num_threads(int(o.threads))
     classes = list(ckpt["classes"])
     spec = spec_from_checkpoint(ckpt)
-    train_ds, val_ds = _datasets(ckpt, Path(manifest), classes, spec, label, cache_dir)
+    train_ds, val_ds = _datasets(ckpt, Path(manifest), classes, spec, label, cache_dir, o.seed)
     weight = _class_weights(ckpt, train_ds.class_counts())
     ident = {"format": STATE_FORMAT, "checkpoint_sha256": checkpoint_sha256, "options": asdict(o)}
 
