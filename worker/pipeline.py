@@ -5,6 +5,14 @@ read, filter and preprocess (``_prepare``), infer the batch, build each result, 
 in one commit, send. Each stage's time is measured by one :class:`StageClock`. It shares nothing
 with the listener but the database and the spool.
 
+Both cores stay busy (issue 18): the per-job steps (``_prepare``: reading, decoding and
+preprocessing; ``_build``: the result objects and their durable writes) run on a small thread
+pool of ``batch.threads`` threads, inference runs on OpenVINO's own threads in between. The
+decoders (libjpeg-turbo, CharLS, OpenJPEG, pylibjpeg), numpy, OpenVINO and the spool's fsync
+release the GIL, so the threads run in parallel where the time goes; pydicom's Python parts
+take turns. Outcomes and deliveries are put back in claim order, so a batch's commit and
+audit trail do not depend on which thread finished first.
+
 Where a job ends:
 
 * ``skipped``: the input is not something this model should screen, or cannot be read
@@ -19,13 +27,16 @@ Where a job ends:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -116,10 +127,13 @@ STAGES = ("claim", "read", "filter", "preprocess", "infer", "build", "store", "s
 
 class StageClock:
     """Seconds per stage of one batch: ``with clock("read"): ...`` adds the block's wall time
-    (``time.perf_counter``) to that stage, however the block ends."""
+    (``time.perf_counter``) to that stage, however the block ends.  Thread-safe: the per-job
+    stages (read, filter, preprocess, build) are summed over the pool's threads, so with
+    ``batch.threads`` > 1 the stages add up to more than the batch's wall time."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self._lock = threading.Lock()
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -127,7 +141,35 @@ class StageClock:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            with self._lock:
+                self.seconds[stage] += dt
+
+
+def batch_threads(settings: Settings) -> int:
+    """Threads for the per-job steps: ``batch.threads``, or with 0 the machine's cores (at most 4:
+    beyond that the GIL-bound parts dominate and memory grows with every image in flight)."""
+    n = settings.batch.threads
+    return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+class _Pool:
+    """``map`` over a thread pool, or in this thread for one thread (no pool, no overhead)."""
+
+    def __init__(self, threads: int) -> None:
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="batch") if threads > 1 else None
+
+    def map(self, fn: Callable[..., object], items: Iterable[object]) -> list[object]:
+        if self._executor is None:
+            return [fn(item) for item in items]
+        return list(self._executor.map(fn, items))
+
+    def __enter__(self) -> _Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
 
 @dataclass
@@ -138,6 +180,10 @@ class _Ready:
     ds: Dataset
     tensor: np.ndarray
     timing: dict[str, float]
+
+
+#: A ready job with its probabilities (and, for heatmaps, its feature maps).
+_Scored = tuple[_Ready, dict[str, float], "list[np.ndarray] | None"]
 
 
 @dataclass
@@ -162,9 +208,21 @@ class _Batch:
     #: issue 17: heatmap SCs when asked for and the model can give them (load_engine logs why not)
     with_heatmaps: bool = False
 
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
     def end(self, job: store.Claimed, state: State, reason: str, timing: dict[str, float] | None = None) -> None:
         """The outcome of a job that is not screened (skipped, or failed with ``reason``)."""
         self.outcomes[job.id] = Outcome(job.id, state, reason, timings=timing)
+
+    def storage_error(self) -> None:
+        with self._lock:  # called from the pool's threads
+            self.storage_errors += 1
+
+    def in_claim_order(self) -> None:
+        """Outcomes and deliveries in the order the jobs were claimed (threads finish in any order)."""
+        order = [job.id for job in self.claimed]
+        self.outcomes = {i: self.outcomes[i] for i in order if i in self.outcomes}
+        self.deliveries = {i: self.deliveries[i] for i in order if i in self.deliveries}
 
 
 def run_batch(
@@ -198,12 +256,12 @@ def run_batch(
         return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=clock.seconds)
     b = _Batch(engine, settings, spool, claimed, store.previous_results(db, [j.id for j in claimed]), pmap, spec,
                with_heatmaps=settings.send.heatmap and engine.heatmap is not None)
-    ready = [r for job in claimed if (r := _prepare(b, job, clock)) is not None]
-    with clock("infer"):
-        scored, per_image_ms = _infer(b, ready)
-    with clock("build"):
-        for item, probs, maps in scored:
-            _build(b, item, probs, per_image_ms, maps)
+    with _Pool(min(batch_threads(settings), len(claimed))) as pool:
+        ready = [r for r in pool.map(functools.partial(_prepare, b, clock), claimed) if isinstance(r, _Ready)]
+        with clock("infer"):
+            scored, per_image_ms = _infer(b, ready)
+        pool.map(functools.partial(_build, b, clock, per_image_ms), scored)
+    b.in_claim_order()
     with clock("store"):
         applied = _commit(db, owner, b)
     _audit_finished(audit, b, applied)
@@ -221,7 +279,7 @@ def _model_rules(engine: Engine, settings: Settings) -> tuple[PriorityMap, imagi
     return PriorityMap.build(card, settings.triage.priorities, settings.triage.thresholds), spec
 
 
-def _prepare(b: _Batch, job: store.Claimed, clock: StageClock) -> _Ready | None:
+def _prepare(b: _Batch, clock: StageClock, job: store.Claimed) -> _Ready | None:
     """Read the stored object, check it, preprocess it; None when the job ended here (its outcome
     recorded) or its stored result is sent again."""
     timing: dict[str, float] = {}
@@ -298,9 +356,7 @@ def _preprocess(b: _Batch, job: store.Claimed, ds: Dataset, timing: dict[str, fl
     return tensor
 
 
-def _infer(
-    b: _Batch, ready: list[_Ready]
-) -> tuple[list[tuple[_Ready, dict[str, float], list[np.ndarray] | None]], float]:
+def _infer(b: _Batch, ready: list[_Ready]) -> tuple[list[_Scored], float]:
     """Probabilities (and, for heatmaps, the feature maps of the same inference) per ready job,
     and the inference time per image in ms. A failed batch (or a model that returns fewer rows
     than it was given) fails every job of it, none left running."""
@@ -308,7 +364,7 @@ def _infer(
         return [], 0.0
     t = time.perf_counter()
     batch = np.stack([r.tensor for r in ready])
-    scored: list[tuple[_Ready, dict[str, float], list[np.ndarray] | None]]
+    scored: list[_Scored]
     try:
         if b.with_heatmaps:
             rows, maps_rows = b.engine.infer_maps(batch)
@@ -325,10 +381,15 @@ def _infer(
     return scored, (time.perf_counter() - t) * 1e3 / max(len(scored), 1)
 
 
-def _build(
-    b: _Batch, item: _Ready, probs: dict[str, float], per_image_ms: float, maps: list[np.ndarray] | None = None
-) -> None:
+def _build(b: _Batch, clock: StageClock, per_image_ms: float, scored: _Scored) -> None:
     """Triage one image and build its result objects, durable in the spool before the commit."""
+    with clock("build"):
+        _build_one(b, *scored, per_image_ms)
+
+
+def _build_one(
+    b: _Batch, item: _Ready, probs: dict[str, float], maps: list[np.ndarray] | None, per_image_ms: float
+) -> None:
     job, ds, timing, card = item.job, item.ds, item.timing, b.engine.card
     timing["infer_ms"] = per_image_ms
     decision = b.pmap.decide(probs)
@@ -343,7 +404,7 @@ def _build(
     try:
         items = _result_objects(b, ds, result, maps, timing)
     except SpoolError as exc:
-        b.storage_errors += 1
+        b.storage_error()
         b.end(job, State.FAILED, f"could not store result object: {exc.strerror}")
         return
     except Exception as exc:  # a source header the result builder cannot use

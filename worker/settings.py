@@ -111,6 +111,8 @@ class BatchSettings:
     lease_seconds: int = 300
     max_attempts: int = 3
     poll_seconds: float = 0.25
+    #: threads for reading, decoding, preprocessing and result building (0 = the machine's cores, at most 4)
+    threads: int = 0
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("batch.max_attempts must be >= 1")
     if b.poll_seconds <= 0:
         raise SettingsError("batch.poll_seconds must be > 0")
+    if not 0 <= b.threads <= 64:
+        raise SettingsError(f"batch.threads must be from 0 (the machine's cores) to 64, got {b.threads}")
     sc = s.schedule
     if sc.mode not in ("continuous", "interval", "cron"):
         raise SettingsError(f"schedule.mode must be continuous, interval or cron, got {sc.mode!r}")

@@ -383,3 +383,84 @@ def test_heatmap_setting_with_a_model_without_heatmaps_screens_as_usual(
         assert [d["kind"] for d in store.deliveries_of(node.db, [row.id])[row.id]] == ["sr"]
     finally:
         node.stop()
+
+
+def _batch_settings(settings: Settings, threads: int) -> Settings:
+    return dataclasses.replace(settings, batch=dataclasses.replace(settings.batch, threads=threads))
+
+
+def test_per_job_steps_run_on_the_pool_concurrently(screening, model_settings: Settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With batch.threads = 2 two images are preprocessed at the same time: each preprocess call
+    waits at a two-party barrier, which only a second, concurrent call can open (in one thread
+    the first call would time out and its job would fail)."""
+    import threading
+
+    node, _run = screening
+    barrier = threading.Barrier(2, timeout=20)
+    seen: set[str] = set()
+    real = pipeline.imaging.preprocess
+
+    def preprocess(ds, spec, **kw):  # type: ignore[no-untyped-def]
+        seen.add(threading.current_thread().name)
+        barrier.wait()
+        return real(ds, spec, **kw)
+
+    monkeypatch.setattr(pipeline.imaging, "preprocess", preprocess)
+    dss = [make_image(rows=64, cols=64, seed=i) for i in range(4)]
+    assert send(dss, node.port) == [0] * 4
+    settings = _batch_settings(model_settings, 2)
+    report = pipeline.run_batch(node.db, node.spool, Engine(settings.model.path), settings, "w")
+    assert report.done == 4, [(r.state, r.reason) for r in (store.find(node.db, d.SOPInstanceUID) for d in dss)]
+    assert len(seen) == 2 and all(name.startswith("batch") for name in seen)
+
+
+def _timeless(path: Path) -> str:
+    """A result object as JSON without the times it was made at (Content, Instance Creation,
+    Contribution date/time): what two runs of the same batch must agree on."""
+    import json
+
+    ds = dcmread(path)
+    for kw in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        if kw in ds:
+            delattr(ds, kw)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            del item.ContributionDateTime
+    return json.dumps(ds.to_json_dict(), sort_keys=True)
+
+
+def test_threads_change_neither_results_nor_their_order(screening, model_settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same queue drained with 1 and with 3 threads (copies of one node's database and spool):
+    the same states, reasons, probabilities and result objects (but for the times they were made
+    at), and the audit
+    trail's job events in claim order."""
+    import json
+
+    node, _run = screening
+    dss = [make_image(rows=64, cols=64, seed=i) for i in range(7)]
+    dss.append(make_image(view="LL", seed=99))  # skipped by the filter, between screened ones
+    dss.append(make_image(rows=64, cols=64, seed=7))
+    assert send(dss, node.port) == [0] * len(dss)
+    node.stop()
+    data = Path(model_settings.storage.data_dir)
+    outcomes = []
+    for threads in (1, 3):
+        copy = tmp_path / f"copy-{threads}"
+        shutil.copytree(data, copy)
+        settings = dataclasses.replace(_batch_settings(model_settings, threads),
+                                       storage=dataclasses.replace(model_settings.storage, data_dir=copy))
+        from worker import audit as audit_log
+        from worker.node import open_storage
+
+        db, spool = open_storage(settings)
+        audit = audit_log.AuditLog(copy / "audit-run.jsonl")
+        pipeline.drain(db, spool, Engine(settings.model.path), settings, f"w{threads}", audit=audit)
+        rows = {d.SOPInstanceUID: store.find(db, d.SOPInstanceUID) for d in dss}
+        db.close()
+        finished = [json.loads(x) for x in (copy / "audit-run.jsonl").read_text().splitlines()]
+        results = sorted(_timeless(p) for p in (spool.root / "results").rglob("*.dcm"))
+        outcomes.append(({u: (r.state, r.reason, r.probabilities) for u, r in rows.items()},
+                         [e["sop_instance_uid"] for e in finished if e["event"] == "job_finished"], results))
+    assert outcomes[0][0] == outcomes[1][0]
+    assert outcomes[0][1] == outcomes[1][1] == [d.SOPInstanceUID for d in dss]
+    assert outcomes[0][2] == outcomes[1][2] and len(outcomes[0][2]) == len(dss) - 1
