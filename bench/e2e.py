@@ -20,7 +20,18 @@ Parts, all in one run on the same machine so that ratios compare like with like:
    settings; receive-to-SR median and p95;
 6. claim latency with 1k / 5k / 10k queued jobs (it must stay flat);
 7. installed footprint of the worker (the base install's dependency closure, from the installed
-   distributions' file lists).
+   distributions' file lists);
+8. ``--parts utilisation`` (issue 18): does the node keep the cores busy?  A backlog of
+   ``--backlog-n`` studies (copies of the N with new UIDs), uncompressed only and the mix, drained
+   by one ``batch --once`` process (batch 16) to a folder and to Orthanc.  The window runs from
+   the first claim (the first ``batch_finished`` event's time less its duration: process start-up
+   and model loading are not in it) to the last result sent.  ``bench/cpuwatch.py`` samples the
+   CPU time of the node and of Orthanc over that window; their sum over the images is the
+   per-image CPU cost, ``limit = cores / cost`` the throughput those costs allow on this machine,
+   and ``throughput / limit`` (target >= 0.85) the share of the cores the run kept busy.  With
+   ``--before REV`` the node runs from a checkout of REV (same venv, same backlog, alternating
+   with the working tree), for before/after in one run.  The machine's whole CPU use in the window
+   is recorded too: it shows load from other processes.
 """
 
 from __future__ import annotations
@@ -147,8 +158,9 @@ def claim_latency(tmp: Path, rounds: int = 60) -> dict[int, float]:
     return {n: round(statistics.median(v), 3) for n, v in times.items()}
 
 
-def run_node(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=env, cwd=REPO,
+def run_node(args: list[str], env: dict[str, str], repo: Path = REPO) -> subprocess.Popen:
+    """``python -m worker.cli ARGS`` with the worker package of ``repo`` (its folder comes first on sys.path)."""
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=env, cwd=repo,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -359,7 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=30)
     p.add_argument("--idle-n", type=int, default=8)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "e2e.json")
+    p.add_argument("--parts", default="all", help="all (parts 1-7) | utilisation (part 8) | all,utilisation")
+    p.add_argument("--backlog-n", type=int, default=96, help="part 8: studies in each backlog")
+    p.add_argument("--rounds", type=int, default=1, help="part 8: repeats of each before/after pair")
+    p.add_argument("--before", help="part 8: also drain with the node of this git revision, alternating")
     args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if "utilisation" in parts and "all" not in parts:
+        return _utilisation_only(args)
     if args.model is None:
         print("no --model and no shipped default model", file=sys.stderr)
         return 2
@@ -437,6 +456,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<{w}}  {str(value):<44}  {target}")
     print("stage medians (ms, backlog 1 worker, batch 16):", one16["stage_median_ms"])
     print("stage medians (ms, idle):", report["idle"]["stage_median_ms"])
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _utilisation_only(args: argparse.Namespace) -> int:
+    """Part 8 alone (bench/utilisation.py): its JSON to --out, its table to stdout."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import utilisation
+
+    from worker.testing.orthanc import Orthanc
+
+    report: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                              "model": str(args.model), "load_1min_at_start": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="cxr-e2e-") as t:
+        tmp = Path(t)
+        studies = tmp / "studies"
+        studies.mkdir()
+        kinds = ["raw", "j2k", "jpegll"]
+        print("making studies ...", flush=True)
+        files = [make_study(i, kinds[i % 3], studies) for i in range(args.n)]
+        orthanc = Orthanc(tmp / "orthanc").start()
+        try:
+            report["utilisation"] = utilisation.run(args.model, files, tmp, orthanc, args.backlog_n, args.before,
+                                                    args.rounds)
+        finally:
+            orthanc.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print("\n".join(utilisation.table(report["utilisation"])))
     print(f"wrote {args.out}")
     return 0
 
