@@ -218,6 +218,18 @@ def _steps_per_epoch(n: int, t: dict) -> int:
     return min(nb, int(t["max_train_batches"])) if t["max_train_batches"] else nb
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo's flags).
+    Without them PyTorch emulates bf16: measured on a 2-core AVX-512 VNNI Xeon without them
+    (2026-12-08, hybrid at 160 px, batch 32) 3.4 images/s in bf16 against 9.7 in float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _build(cfg: dict, model_name: str, n_train: int, cw: list[float], n_classes: int) -> _Run:
     t, mcfg = cfg["train"], cfg["model"]
     device = _device(cfg)
@@ -225,8 +237,9 @@ def _build(cfg: dict, model_name: str, n_train: int, cw: list[float], n_classes:
     model = create_model(model_name, n_classes, weights=mcfg["weights"], resnet_weights=mcfg["resnet_weights"] or None,
                          mobilenet_weights=mcfg["mobilenet_weights"] or None, **kwargs)
     model.to(device)
-    cpu_amp = bool(t["cpu_amp"]) and device.type == "cpu"
-    channels_last = (device.type == "cuda" and t["channels_last"]) or cpu_amp
+    on_cpu = device.type == "cpu"
+    cpu_amp = on_cpu and (t["cpu_amp"] is True or (t["cpu_amp"] == "auto" and cpu_has_bf16()))
+    channels_last = (device.type == "cuda" and t["channels_last"]) or (on_cpu and t["cpu_amp"] in (True, "auto"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = _optimizer(model, t)
@@ -377,7 +390,8 @@ def train_run(
                 "eval_sets": {k: len(labelled_rows(v, d["label"])) for k, v in eval_sets.items()},
                 "class_counts": training_meta["class_counts"], "class_weights": training_meta["class_weights"],
                 "parameters_keras": count_parameters(run.model), "parameters": count_parameters(run.model, keras_style=False),
-                "device": str(run.device), "seed": seed, "epoch_sizes": sizes}
+                "device": str(run.device), "precision": "bf16 autocast" if run.amp else "float32",
+                "channels_last": run.channels_last, "seed": seed, "epoch_sizes": sizes}
     _write_json(run_dir / "run.json", run_info)
 
     st = _resume(run_dir, run)
