@@ -124,7 +124,8 @@ sources often lack.
 
 The package, one builder per module: ``common`` (the result, codes, UIDs and the header every
 object copies from its source), ``sr_reference`` (the SR built with highdicom alone), ``sr`` (the
-fast path, equal to it element for element), ``sc`` (the Secondary Capture). The names other
+fast path, equal to it element for element), ``encoding`` (the SR's file encoding with its
+pre-encoded items spliced in, same bytes as pydicom's), ``sc`` (the Secondary Capture). The names other
 modules use are re-exported here: ``from worker.results import build_sr, TriageResult``.
 """
 
@@ -144,6 +145,7 @@ from worker.results.common import (
     finding_code,
     result_uids,
 )
+from worker.results.encoding import encode
 from worker.results.sc import build_sc
 from worker.results.sr import build_sr
 
@@ -160,6 +162,7 @@ __all__ = [
     "TriageResult",
     "build_sc",
     "build_sr",
+    "encode",
     "finding_code",
     "result_uids",
 ]
