@@ -66,6 +66,11 @@ _SCALARS = (str, UID, int, float, DSfloat, DSdecimal, IS, bytes, type(None))
 _EMPTY_DATASET_STATE: dict[str, Any] = dict(Dataset().__dict__)
 
 
+def _same(obj: object) -> object:
+    """copy and pickle make a frozen object's plain, editable copy with this."""
+    return obj
+
+
 class _FrozenElement(DataElement):
     """A DataElement whose attributes (value, VR, ...) cannot be set."""
 
@@ -82,7 +87,7 @@ class _FrozenElement(DataElement):
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return copy.deepcopy(self).__reduce_ex__(protocol)
+        return _same, (copy.deepcopy(self),)
 
 
 class _FrozenSequence(pydicom.Sequence):
@@ -101,7 +106,7 @@ class _FrozenSequence(pydicom.Sequence):
         return pydicom.Sequence([copy.deepcopy(item, memo) for item in self._list])
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return copy.deepcopy(self).__reduce_ex__(protocol)
+        return _same, (copy.deepcopy(self),)
 
 
 class EncodedItem(Dataset):
@@ -144,7 +149,7 @@ class EncodedItem(Dataset):
         return thaw(self, memo)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return thaw(self).__reduce_ex__(protocol)
+        return _same, (thaw(self),)
 
 
 def _freezable(ds: Dataset) -> bool:
