@@ -80,6 +80,11 @@ many inputs and the real sample files, so a highdicom upgrade that changes its o
 as a failing test instead of a silent difference.  The first SR per model and source SOP class
 in a process costs one reference build (plus highdicom's own first-use set-up).
 
+The template's items that no SR changes are frozen into read-only, pre-encoded items
+(:mod:`worker.results.encoding`) shared by every SR; :func:`encode` copies their bytes into the
+file instead of encoding them again, the same bytes as pydicom's ``save_as`` in a fraction of the
+time.  Changing a shared item raises ``ReadOnlyItemError``; ``copy.deepcopy`` gives an editable copy.
+
 Codes
 -----
 
