@@ -10,6 +10,12 @@ disturbed by other processes on a shared machine).  Input: ``worker/testing/dico
 (CR, 256 x 200) with orientation and spacing, a three-class result; the SC uses a 3000 x 2500
 12-bit image.  The first build_sr (template build, ~100 ms) is not counted.  Also checks that
 both SR builders give the same bytes.
+
+Encoding an SR (``--encode-rounds``): pydicom's ``save_as(buf, enforce_file_format=True)`` (what
+the pipeline used before issue 18) against ``worker.results.encode`` (pre-encoded items spliced),
+alternating on the same build_sr dataset, and checks that both give the same bytes as the
+reference builder's SR.  Prints a table and ``cat /proc/loadavg`` (give ratios on a busy
+machine).
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200, help="fast build_sr calls")
     ap.add_argument("--ref-every", type=int, default=10, help="one reference build per this many fast builds")
     ap.add_argument("--sc-rounds", type=int, default=15)
+    ap.add_argument("--encode-rounds", type=int, default=200, help="SR encodings, each way")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "results_speed.json")
     args = ap.parse_args()
 
@@ -99,6 +106,14 @@ def main() -> None:
         if i % args.ref_every == 0:
             ref.append(_timed(lambda: sr_reference._build_sr_reference(src, result, now=NOW)))
 
+    sr = results.build_sr(src, result, now=NOW)
+    encode_same = results.encode(sr) == _encoded(sr) == _encoded(sr_reference._build_sr_reference(src, result, now=NOW))
+    enc_old: list[tuple[float, float]] = []
+    enc_new: list[tuple[float, float]] = []
+    for _ in range(args.encode_rounds):
+        enc_old.append(_timed(lambda: _encoded(sr)))
+        enc_new.append(_timed(lambda: results.encode(sr)))
+
     rng = np.random.default_rng(1)
     big = _source(rng.integers(0, 4096, (3000, 2500)).astype(np.uint16))
     results.build_sc(big, result, now=NOW)
@@ -110,7 +125,17 @@ def main() -> None:
         "build_sr_first_call_template_build_ms": round(first[0], 1),
         "build_sr_same_bytes_as_reference": same,
         "build_sc_3000x2500": _summary(sc),
+        "encode_sr_pydicom_save_as": _summary(enc_old),
+        "encode_sr_worker_results_encode": _summary(enc_new),
+        "encode_sr_same_bytes_as_save_as_and_reference": encode_same,
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
     }
+    old_cpu, new_cpu = report["encode_sr_pydicom_save_as"], report["encode_sr_worker_results_encode"]
+    print(f"{'SR encode':34} {'cpu median ms':>14} {'wall median ms':>15} {'wall min ms':>12}")
+    for name, row in (("pydicom save_as", old_cpu), ("worker.results.encode", new_cpu)):
+        print(f"{name:34} {row['cpu_median_ms']:>14.3f} {row['wall_median_ms']:>15.3f} {row['wall_min_ms']:>12.3f}")
+    ratio = old_cpu["cpu_median_ms"] / new_cpu["cpu_median_ms"]
+    print(f"ratio (cpu medians): {ratio:.1f}x; loadavg {report['loadavg']}")
     print(json.dumps(report, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

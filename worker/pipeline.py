@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from io import BytesIO
 
 import numpy as np
 from pydicom import dcmread
@@ -607,10 +606,11 @@ def _truncated_element(ds: Dataset) -> str | None:
 
 
 def _encode(ds: Dataset) -> bytes:
-    """A result object in the DICOM file format (PS3.10), ready for the spool."""
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    """A result object in the DICOM file format (PS3.10), ready for the spool: the bytes of
+    ``ds.save_as(buf, enforce_file_format=True)``.  :func:`worker.results.encode` copies an SR's
+    pre-encoded items instead of encoding them again (several times cheaper); the SCs (pixel
+    data) go through pydicom's writer there."""
+    return results.encode(ds)
 
 
 def drain(

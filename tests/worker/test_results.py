@@ -6,6 +6,7 @@ through a Part 10 file, and compared with the inputs.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import shutil
@@ -43,6 +44,7 @@ from worker.results import (
     sc,
     sr_reference,
 )
+from worker.results.encoding import ReadOnlyItemError
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
@@ -736,9 +738,14 @@ def test_fast_sr_templates_are_not_changed_by_callers() -> None:
     src, result = source_image(), make_result()
     first = build_sr(src, result, now=NOW)
     expected = _encoded(first)
-    # A caller that edits its SR (values, nested items, sequences) must not affect the next one.
+    # A caller that edits its SR (values, nested items, sequences) must not affect the next one;
+    # the items every SR shares are read only (pre-encoded): changing one raises.
     first.PatientName = "Changed^Name"
-    first.ContentSequence[0].ConceptNameCodeSequence[0].CodeMeaning = "changed"
+    with pytest.raises(ReadOnlyItemError):
+        first.ContentSequence[0].ConceptNameCodeSequence[0].CodeMeaning = "changed"
+    editable = copy.deepcopy(first.ContentSequence[0])
+    editable.ConceptNameCodeSequence[0].CodeMeaning = "changed"
+    first.ContentSequence[0] = editable
     first.ContentSequence.append(Dataset())
     first.ContributingEquipmentSequence[-1].Manufacturer = "changed"
     first.file_meta.ImplementationVersionName = "changed"

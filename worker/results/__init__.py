@@ -80,6 +80,11 @@ many inputs and the real sample files, so a highdicom upgrade that changes its o
 as a failing test instead of a silent difference.  The first SR per model and source SOP class
 in a process costs one reference build (plus highdicom's own first-use set-up).
 
+The template's items that no SR changes are frozen into read-only, pre-encoded items
+(:mod:`worker.results.encoding`) shared by every SR; :func:`encode` copies their bytes into the
+file instead of encoding them again, the same bytes as pydicom's ``save_as`` in a fraction of the
+time.  Changing a shared item raises ``ReadOnlyItemError``; ``copy.deepcopy`` gives an editable copy.
+
 Codes
 -----
 
@@ -124,7 +129,8 @@ sources often lack.
 
 The package, one builder per module: ``common`` (the result, codes, UIDs and the header every
 object copies from its source), ``sr_reference`` (the SR built with highdicom alone), ``sr`` (the
-fast path, equal to it element for element), ``sc`` (the Secondary Capture). The names other
+fast path, equal to it element for element), ``encoding`` (the SR's file encoding with its
+pre-encoded items spliced in, same bytes as pydicom's), ``sc`` (the Secondary Capture). The names other
 modules use are re-exported here: ``from worker.results import build_sr, TriageResult``.
 """
 
@@ -144,6 +150,7 @@ from worker.results.common import (
     finding_code,
     result_uids,
 )
+from worker.results.encoding import encode
 from worker.results.sc import build_sc
 from worker.results.sr import build_sr
 
@@ -160,6 +167,7 @@ __all__ = [
     "TriageResult",
     "build_sc",
     "build_sr",
+    "encode",
     "finding_code",
     "result_uids",
 ]

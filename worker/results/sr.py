@@ -57,6 +57,7 @@ from worker.results.common import (
     _uid,
     finding_code,
 )
+from worker.results.encoding import EncodedItem, freeze
 from worker.results.sr_reference import _build_sr_reference, _modality_code, _orientation_and_spacing
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,11 @@ log = logging.getLogger(__name__)
 #   the TID 1501 groups with TID 4019, the coding schemes, our and highdicom's contributing
 #   equipment) comes from a *template*: an SR built once by _build_sr_reference for a canonical
 #   source (fixed placeholder UIDs, no identity), converted to plain pydicom datasets and kept
-#   in a small LRU cache.  Templates are never modified: each SR starts from a copy.
+#   in a small LRU cache.  Templates are never modified: each SR starts from a copy.  The items
+#   that no SR changes (codes, observation context, algorithm identification, ...; most of the
+#   ~160 items) are frozen into read-only worker.results.encoding.EncodedItem objects that keep
+#   their own encoding: shared by the copies, not copied, and spliced into the file by
+#   worker.results.encoding.encode instead of being encoded again per SR.
 # * per image, the copy gets its UIDs, dates and times, Patient/Study (the same
 #   _copy_patient_and_study and _set_common as the reference), the evidence, the tracking UIDs,
 #   source references, probabilities and Yes/No codes patched in, and its Image Library and
@@ -148,7 +153,8 @@ _new_sequence = _SQ.__new__
 def _clone(ds: Dataset) -> Dataset:
     """A deep copy, as a plain Dataset, of a dataset built by :func:`_plain` or this module: plain
     DataElements whose values are immutable (str, UID, numbers, DS/IS/DA/TM, PersonName) except
-    sequences (pydicom.Sequence, copied item by item) and multi-values (deep-copied)."""
+    sequences (pydicom.Sequence, copied item by item; read-only pre-encoded items,
+    :class:`~worker.results.encoding.EncodedItem`, are shared) and multi-values (deep-copied)."""
     out: dict[BaseTag, DataElement] = {}
     for tag, elem in ds._dict.items():
         state = elem.__dict__.copy()
@@ -156,7 +162,8 @@ def _clone(ds: Dataset) -> Dataset:
         vt = type(value)
         if vt is _SQ:
             seq = _new_sequence(_SQ)  # Sequence(items) without re-validating items we made
-            seq.__dict__["_list"] = [_clone(item) for item in value._list]
+            # pre-encoded items are read only: shared, not copied
+            seq.__dict__["_list"] = [item if type(item) is EncodedItem else _clone(item) for item in value._list]
             state["_value"] = seq
         elif vt is MultiValue or vt is list:
             state["_value"] = copy.deepcopy(value)
@@ -189,14 +196,15 @@ _CODE_CACHE: dict[int, tuple[Any, Dataset]] = {}
 
 
 def _code_item(code: Any) -> Dataset:
-    """The code sequence item highdicom writes for a Code or CodedConcept (a fresh copy)."""
+    """The code sequence item highdicom writes for a Code or CodedConcept: read only and
+    pre-encoded (:func:`~worker.results.encoding.freeze`), shared by every SR."""
     entry = _CODE_CACHE.get(id(code))
     if entry is not None and entry[0] is code:
-        return _clone(entry[1])
-    tpl = _plain(code if isinstance(code, CodedConcept) else CodedConcept.from_code(code))
+        return entry[1]
+    tpl = freeze(_plain(code if isinstance(code, CodedConcept) else CodedConcept.from_code(code)))
     if len(_CODE_CACHE) < 512:
         _CODE_CACHE[id(code)] = (code, tpl)
-    return _clone(tpl)
+    return tpl if type(tpl) is EncodedItem else _clone(tpl)
 
 
 def _content_item(relationship: str | None, value_type: str, name: Any, *elems: DataElement) -> Dataset:
@@ -211,14 +219,15 @@ _ITEM_CACHE: dict[tuple[Any, ...], Dataset] = {}
 
 
 def _cached(key: tuple[Any, ...], build: Any) -> Dataset:
-    """A fresh copy of the content item ``build()`` makes, built once per key (bounded; items
-    are never modified, so a race costs at most a second, equal build)."""
+    """The content item ``build()`` makes, built once per key (bounded; a race costs at most a
+    second, equal build), read only and pre-encoded, shared by every SR (a copy if it cannot be
+    frozen)."""
     tpl = _ITEM_CACHE.get(key)
     if tpl is None:
-        tpl = build()
+        tpl = freeze(build())
         if len(_ITEM_CACHE) < 2048:
             _ITEM_CACHE[key] = tpl
-    return _clone(tpl)
+    return tpl if type(tpl) is EncodedItem else _clone(tpl)
 
 
 def _code(relationship: str, name: Any, value: Any) -> Dataset:
@@ -449,6 +458,7 @@ def _make_template(key: tuple[Any, ...], modality: DataElement | None, result: T
     evaluations_at = _find(content, _concept_is(_QUALITATIVE_EVALUATIONS.value, "UMLS"))
     for at in (library_at, evaluations_at):  # rebuilt per image: not worth copying
         content[at] = _new_ds({})
+    _freeze_constant_items(sr, _patched_items(sr, library_at, evaluations_at, measurements_at, groups))
     meta = _clone(ref.file_meta)
     instance = str(ref.file_meta.MediaStorageSOPInstanceUID)
     uid_len = len(instance) + len(instance) % 2
@@ -462,6 +472,38 @@ def _make_template(key: tuple[Any, ...], modality: DataElement | None, result: T
         measurements_at=measurements_at,
         groups=tuple(groups),
     )
+
+
+def _patched_items(
+    sr: Dataset, library_at: int, evaluations_at: int, measurements_at: int, groups: Sequence[_GroupSlots]
+) -> set[int]:
+    """ids of the template's items that build_sr patches or replaces, and of their ancestors."""
+    content = sr.ContentSequence
+    keep = [content[library_at], content[evaluations_at], content[measurements_at]]
+    study = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    series = study.ReferencedSeriesSequence[0]
+    keep += [study, series, series.ReferencedSOPSequence[0]]
+    keep += list(sr.ContributingEquipmentSequence)  # ContributionDateTime
+    for slots, group in zip(groups, content[measurements_at].ContentSequence, strict=True):
+        items = group.ContentSequence
+        image, probability = items[slots.image], items[slots.probability]
+        keep += [group, items[slots.tracking_uid], items[slots.predicted], image, probability]
+        keep += [image.ReferencedSOPSequence[0], probability.MeasuredValueSequence[0]]
+    return {id(item) for item in keep}
+
+
+def _freeze_constant_items(ds: Dataset, patched: set[int]) -> None:
+    """Replace, in place, every item below ``ds`` that build_sr never changes by its read-only,
+    pre-encoded copy (:func:`~worker.results.encoding.freeze`); recurse into the others."""
+    for elem in ds._dict.values():
+        if elem.VR != "SQ":
+            continue
+        items: list[Dataset] = elem.value._list  # type: ignore[union-attr]
+        for i, item in enumerate(items):
+            if id(item) in patched:
+                _freeze_constant_items(item, patched)
+            else:
+                items[i] = freeze(item)
 
 
 def _template(source: Dataset, result: TriageResult, sop_class: str) -> _SRTemplate:
