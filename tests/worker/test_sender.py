@@ -25,6 +25,7 @@ class ScriptedSCP:
     def __init__(self, statuses: list[int], aet: str = "PACS") -> None:
         self.statuses = list(statuses)
         self.received: list[str] = []
+        self.encoded: list[bytes] = []  # each C-STORE's data set as it came over the wire
         self.contexts: list[str] = []
         self.port = free_port()
         ae = AE(ae_title=aet)
@@ -33,6 +34,7 @@ class ScriptedSCP:
 
         def on_store(event: evt.Event) -> int:
             self.received.append(str(event.request.AffectedSOPInstanceUID))
+            self.encoded.append(event.request.DataSet.getvalue())
             return self.statuses.pop(0) if self.statuses else 0x0000
 
         def on_accept(event: evt.Event) -> None:
@@ -184,3 +186,29 @@ def test_backoff_doubles_caps_and_jitters(settings: Settings) -> None:
     rng = random.Random(1)
     delays = [sender.backoff_seconds(2, s, rng) for _ in range(200)]
     assert min(delays) >= 16 and max(delays) <= 24 and len(set(delays)) > 100
+
+
+def test_peer_gets_the_spool_files_bytes_and_a_broken_file_fails_alone(store, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """C-STORE sends the stored data set as it is (no decode and re-encode): what the peer gets is
+    the spool file after its preamble and File Meta Information, byte for byte.  A stored file
+    that is not DICOM fails its own delivery with a reason; the others of the association go."""
+    from pynetdicom.dsutils import split_dataset
+
+    db, spool = store
+    scp = ScriptedSCP([])
+    try:
+        s = _settings(settings, Destination(name="pacs", type="dicom", ae_title="PACS", host="127.0.0.1", port=scp.port))
+        uids = _result(db, spool, ["pacs"], n=3)
+        broken = Spool.result_relpath_for(uids[1])
+        spool.write(broken, b"not a DICOM file")
+        rep = sender.send_due(db, spool, s)
+        assert (rep.sent, rep.retrying) == (2, 1)
+        assert scp.received == [uids[0], uids[2]]
+        for uid, got in zip([uids[0], uids[2]], scp.encoded, strict=True):
+            path = spool.path(Spool.result_relpath_for(uid))
+            _meta, offset = split_dataset(path)
+            assert path.read_bytes()[offset:] == got
+        (d,) = [d for d in _deliveries(db) if d.state != "sent"]
+        assert d.last_error and "not a DICOM file" in d.last_error
+    finally:
+        scp.stop()
