@@ -2,6 +2,7 @@
 
     cxr-triage train --config training/configs/paper-3class.toml [--mode cv] [--set train.epochs=5 ...] --out runs/paper-3class
     cxr-triage train --config training/configs/paper-3class.toml --out runs/paper-3class --resume   # after an interruption
+    cxr-triage train --config C --out runs/x --results docs/results/x/runs   # restore + publish small results (another machine)
     cxr-triage evaluate runs/paper-3class                       # metrics + plots for every run found below
     cxr-triage evaluate --checkpoint runs/x/best.pt --manifest M [--split test] --out DIR
     cxr-triage report runs/paper-3class [more experiment folders] --out docs/results/paper-3class
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=("single", "cv"), help="= --set experiment.mode=...")
     t.add_argument("--models", help="comma-separated, = --set experiment.models=[...]")
     t.add_argument("--out", required=True, help="experiment folder")
+    t.add_argument("--results", metavar="DIR",
+                   help="published small results (committed): finished runs there are restored into --out and skipped, "
+                        "each run's small results are copied there when it finishes (implies --resume)")
     t.add_argument("--resume", action="store_true",
                    help="continue the experiment in --out: finished runs are skipped, an interrupted one goes on after its last finished epoch")
 
@@ -79,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .train import ExperimentExists
 
             try:
-                run_experiment(cfg, args.out, command="cxr-triage " + " ".join(shlex.quote(a) for a in argv), resume=args.resume)
+                run_experiment(cfg, args.out, command="cxr-triage " + " ".join(shlex.quote(a) for a in argv), resume=args.resume,
+                               results=args.results)
             except ExperimentExists as exc:
                 print(f"cxr-triage train: {exc}", file=sys.stderr)
                 return 2

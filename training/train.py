@@ -30,7 +30,6 @@ import os
 import platform
 import random
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -46,6 +45,7 @@ from torch import nn
 from worker.imaging import PreprocessSpec
 
 from . import config as config_mod
+from . import publication
 from .cache import GreyCache
 from .checkpoint import model_spec, save_checkpoint
 from .data import (
@@ -61,6 +61,7 @@ from .data import (
 from .metrics import classification_metrics
 from .models import count_parameters, create_model
 from .progress import Progress, eta
+from .provenance import cpu_has_bf16, git_commit, versions
 from .schedule import epoch_sizes, lr_factor
 
 #: ``last.pt``: the resume state of an unfinished run (not a model checkpoint for other stages).
@@ -69,36 +70,6 @@ RESUME_FORMAT = "cxr-triage-resume/2"
 log = logging.getLogger(__name__)
 
 __all__ = ["run_experiment", "train_run", "predict", "versions", "git_commit", "spec_of"]
-
-
-# --------------------------------------------------------------------------------------------
-# Provenance
-# --------------------------------------------------------------------------------------------
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": str(torch.__version__)}
-    for mod in ("torchvision", "timm", "numpy", "sklearn", "scipy", "PIL", "pydicom"):
-        try:
-            m = __import__(mod)
-            out[mod] = str(getattr(m, "__version__", "?"))
-        except ImportError:
-            pass
-    out["cuda"] = torch.version.cuda or ""
-    return out
-
-
-def git_commit(path: str | Path | None = None) -> str:
-    """HEAD commit of the repository holding this package, ``+dirty`` when it has local changes."""
-    here = Path(path or Path(__file__).resolve().parent)
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def spec_of(cfg: dict) -> PreprocessSpec:
@@ -216,18 +187,6 @@ def _steps_per_epoch(n: int, t: dict) -> int:
     bs = int(t["batch_size"])
     nb = n // bs if n > bs else (1 if n else 0)  # drop_last when there is more than one batch
     return min(nb, int(t["max_train_batches"])) if t["max_train_batches"] else nb
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo's flags).
-    Without them PyTorch emulates bf16: measured on a 2-core AVX-512 VNNI Xeon without them
-    (2026-12-08, hybrid at 160 px, batch 32) 3.4 images/s in bf16 against 9.7 in float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _build(cfg: dict, model_name: str, n_train: int, cw: list[float], n_classes: int) -> _Run:
@@ -534,16 +493,27 @@ def _check_resume(cfg: dict, out: Path, resume: bool) -> dict | None:
     return old
 
 
-def run_experiment(cfg: dict, out: str | Path, *, command: str | None = None, resume: bool = False) -> dict:
+def run_experiment(cfg: dict, out: str | Path, *, command: str | None = None, resume: bool = False,
+                   results: str | Path | None = None) -> dict:
     """Run every model of ``cfg['experiment']['models']`` in ``cfg['experiment']['mode']``.
 
     Writes ``experiment.json`` and ``config.toml`` first, then the runs (folds outer, models inner,
     so an interrupted cv run has every model on the folds it finished).  ``resume``: continue the
     experiment already in ``out`` (finished runs are skipped, an interrupted one continues after
-    its last finished epoch); without it an existing experiment is an error.  Returns
-    ``{model: {fold or "single": metrics}}``."""
+    its last finished epoch); without it an existing experiment is an error.  ``results``: a
+    folder of published small results (training.publication): its finished runs are restored
+    into ``out`` first (and the experiment resumes), and each run's small results are published
+    there as soon as it finishes.  Returns ``{model: {fold or "single": metrics}}``."""
     out = Path(out)
+    if results is not None:
+        resume = bool(publication.restore(results, out)) or resume or (out / "experiment.json").exists()
     previous = _check_resume(cfg, out, resume)
+
+    def published(metrics: dict) -> dict:
+        if results is not None:
+            publication.publish(out, results)
+        return metrics
+
     out.mkdir(parents=True, exist_ok=True)
     e, d = cfg["experiment"], cfg["data"]
     manifest = Path(d["manifest"])
@@ -564,13 +534,14 @@ def run_experiment(cfg: dict, out: str | Path, *, command: str | None = None, re
     cache: Mapping = {}
     if d["cache"]:
         cache = GreyCache.open(manifest, spec_of(cfg), d["cache_dir"] or None, progress=cfg["train"]["progress"])
-    results: dict[str, dict] = {m: {} for m in e["models"]}
+    done: dict[str, dict] = {m: {} for m in e["models"]}
     t0 = time.time()
     if e["mode"] == "single":
         for m in e["models"]:
             run_dir = out if len(e["models"]) == 1 else out / m
-            results[m]["single"] = train_run(cfg, m, by_split.get("train", []), by_split.get("val", []),
-                                             {"test": by_split.get("test", [])}, run_dir, provenance=provenance, grey_cache=cache)
+            done[m]["single"] = published(train_run(cfg, m, by_split.get("train", []), by_split.get("val", []),
+                                                    {"test": by_split.get("test", [])}, run_dir, provenance=provenance,
+                                                    grey_cache=cache))
     else:
         c = cfg["cv"]
         pool = [r for s in c["pool"] for r in by_split.get(s, [])]
@@ -593,8 +564,9 @@ def run_experiment(cfg: dict, out: str | Path, *, command: str | None = None, re
             if holdout:
                 sets["holdout"] = holdout
             for m in e["models"]:
-                results[m][k] = train_run(cfg, m, [pool[i] for i in f["train"]], [pool[i] for i in f["val"]], sets,
-                                          out / m / f"fold-{k}", fold=k, provenance=provenance, grey_cache=cache)
+                done[m][k] = published(train_run(cfg, m, [pool[i] for i in f["train"]], [pool[i] for i in f["val"]], sets,
+                                                 out / m / f"fold-{k}", fold=k, provenance=provenance, grey_cache=cache))
             log.info("fold %d done after %.0f s", k, time.time() - t0)
     _write_json(out / "finished.json", {"finished": datetime.now(UTC).isoformat(), "seconds": round(time.time() - t0, 1)})
-    return results
+    published({})
+    return done

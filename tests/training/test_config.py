@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("torch")
 
 from training import config as config_mod  # noqa: E402
-from training import train  # noqa: E402
+from training import provenance, train  # noqa: E402
 
 
 @pytest.mark.parametrize("value", ["true", "false", '"auto"'])
@@ -26,6 +26,6 @@ def test_auto_uses_bf16_only_where_the_cpu_has_it(value: object, bf16_here: bool
     cfg = config_mod.load_config(None, ["train.device=\"cpu\""])
     cfg["train"]["cpu_amp"] = value
     run = train._build(cfg, "mobilenet", 64, [1.0, 1.0, 1.0], 3)
-    expected = train.cpu_has_bf16() if bf16_here is None else bf16_here
+    expected = provenance.cpu_has_bf16() if bf16_here is None else bf16_here
     assert run.amp is expected
     assert run.channels_last is (value in (True, "auto"))
