@@ -30,11 +30,11 @@ def proc_cpu_seconds(pid: int) -> float | None:
 
 
 def machine_cpu_seconds() -> float:
-    """Busy CPU seconds of the whole machine since boot (all cores; idle and iowait excluded)."""
+    """Busy CPU seconds of the whole machine since boot, all cores: user, nice, system, irq and
+    softirq (idle, iowait and steal, time taken by the hypervisor, excluded)."""
     with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
-    return (sum(parts[:8]) - idle) / _TICK
+        parts = [int(x) for x in f.readline().split()[1:]] + [0] * 8
+    return (parts[0] + parts[1] + parts[2] + parts[5] + parts[6]) / _TICK
 
 
 class CpuWatch:

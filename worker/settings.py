@@ -140,6 +140,8 @@ class SendSettings:
     retry_poll_seconds: float = 5.0
     lease_seconds: int = 120
     timeout: float = 30.0
+    #: C-STORE associations open at once per DICOM destination (objects spread over them)
+    associations: int = 2
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("send.backoff_seconds must be > 0 and <= send.backoff_max_seconds")
     if not 0 <= se.jitter < 1:
         raise SettingsError("send.jitter must be in [0, 1)")
+    if not 1 <= se.associations <= 16:
+        raise SettingsError(f"send.associations must be from 1 to 16, got {se.associations}")
     from worker.priority import PRIORITIES
 
     for cls_name, prio in s.triage.priorities.items():

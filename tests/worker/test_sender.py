@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +33,13 @@ class ScriptedSCP:
         ae.supported_contexts = AllStoragePresentationContexts
         ae.require_called_aet = True
 
+        lock = threading.Lock()  # several associations at once: each object's status is the next one
+
         def on_store(event: evt.Event) -> int:
-            self.received.append(str(event.request.AffectedSOPInstanceUID))
-            self.encoded.append(event.request.DataSet.getvalue())
-            return self.statuses.pop(0) if self.statuses else 0x0000
+            with lock:
+                self.received.append(str(event.request.AffectedSOPInstanceUID))
+                self.encoded.append(event.request.DataSet.getvalue())
+                return self.statuses.pop(0) if self.statuses else 0x0000
 
         def on_accept(event: evt.Event) -> None:
             self.contexts = [str(cx.abstract_syntax) for cx in event.assoc.accepted_contexts]
@@ -210,5 +214,27 @@ def test_peer_gets_the_spool_files_bytes_and_a_broken_file_fails_alone(store, se
             assert path.read_bytes()[offset:] == got
         (d,) = [d for d in _deliveries(db) if d.state != "sent"]
         assert d.last_error and "not a DICOM file" in d.last_error
+    finally:
+        scp.stop()
+
+
+def test_objects_are_spread_over_send_associations_and_reported_in_order(store, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """send.associations = 2: two associations at once, every object stored once, each delivery's
+    status on its own row (the SCP refuses the third object it gets: that one retries)."""
+    db, spool = store
+    scp = ScriptedSCP([0x0000, 0x0000, 0xA700])
+    accepted: list[int] = []
+    scp.server.bind(evt.EVT_ACCEPTED, lambda event: accepted.append(1))
+    try:
+        s = _settings(settings, Destination(name="pacs", type="dicom", ae_title="PACS", host="127.0.0.1", port=scp.port),
+                      associations=2)
+        uids = _result(db, spool, ["pacs"], n=8)
+        rep = sender.send_due(db, spool, s)
+        assert (rep.sent, rep.retrying) == (7, 1) and len(accepted) == 2
+        assert sorted(scp.received) == sorted(uids)
+        refused = scp.received[2]
+        by_uid = {d.sop_instance_uid: d for d in _deliveries(db)}
+        assert by_uid[refused].state != "sent" and by_uid[refused].last_status == 0xA700
+        assert all(d.state == "sent" for u, d in by_uid.items() if u != refused)
     finally:
         scp.stop()
