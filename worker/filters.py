@@ -176,3 +176,23 @@ def check(ds: pydicom.Dataset) -> str | None:
     if samples not in (None, "", 1):
         return f"SamplesPerPixel {samples} is not 1 (not single-channel greyscale)"
     return None
+
+
+def truncated_element(ds: pydicom.Dataset) -> str | None:
+    """A reason when a top-level element declares more bytes than the object holds.
+
+    pydicom reads such a value to the end of the file without an error, so a forged length
+    (up to 4 GB) or an object cut short would otherwise surface as a misleading "no pixel
+    data" (the element swallowed everything after it). Raw elements only: nothing is decoded.
+    """
+    from pydicom.dataelem import RawDataElement
+
+    for elem in ds.elements():
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+            continue
+        if isinstance(elem.value, (bytes, bytearray)) and len(elem.value) < elem.length:
+            return (
+                f"stored object is truncated: element ({elem.tag.group:04X},{elem.tag.element:04X}) declares "
+                f"{elem.length} bytes but only {len(elem.value)} follow"
+            )
+    return None

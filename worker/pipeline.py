@@ -30,13 +30,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,10 +45,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from worker import audit as audit_log
-from worker import filters, heatmap, imaging, overlay, results, sender, store
+from worker import deliverables, filters, imaging, overlay, results, sender, store
 from worker.engine import Engine
 from worker.priority import PriorityMap
-from worker.settings import Destination, Settings
+from worker.settings import Settings
 from worker.spool import Spool, SpoolError
 from worker.store import Outcome, State
 
@@ -239,27 +238,57 @@ def run_batch(
     Result objects are sent at the end of the batch by ``on_results`` when given (it wakes a
     :class:`worker.sender.BackgroundSender`), else by :func:`worker.sender.send_due` inline.
     """
+    send = on_results or (lambda: sender.send_due(db, spool, settings, audit=audit))
+    with _Pool(batch_threads(settings)) as pool:
+        started = _start_batch(db, spool, engine, settings, owner, pool)
+        return _finish_batch(db, owner, audit, started, pool, send)
+
+
+@dataclass
+class _Started:
+    """A batch claimed and prepared (its jobs read, filtered, preprocessed), not yet inferred;
+    ``b`` is None when nothing was claimed (``report`` says why)."""
+
+    b: _Batch | None
+    ready: list[_Ready]
+    clock: StageClock
+    t_start: float
+    report: BatchReport | None = None
+
+
+def _start_batch(db: store.Database, spool: Spool, engine: Engine, settings: Settings, owner: str,
+                 pool: _Pool) -> _Started:
+    """Claim up to ``batch.size`` jobs and prepare them on the pool (claim, read, filter, preprocess)."""
     t_start, clock = time.perf_counter(), StageClock()
     pmap, spec = _model_rules(engine, settings)  # before any claim: a card they reject claims nothing
-    send = on_results or (lambda: sender.send_due(db, spool, settings, audit=audit))
     # no claim while the spool is below its reserve: each result object needs room, and a batch
     # that fails on a full disk would spend every job's attempts in seconds.
     if not spool.has_room():
         log.warning("spool below its free-space reserve (%d MB): no batch until space is freed",
                     settings.storage.disk_reserve_mb)
-        return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=clock.seconds,
-                           disk_reserve_reached=True)
+        return _Started(None, [], clock, t_start, BatchReport(seconds=time.perf_counter() - t_start,
+                                                              stage_seconds=clock.seconds, disk_reserve_reached=True))
     with clock("claim"):
         claimed = store.claim_batch(db, settings.batch.size, owner, settings.batch.lease_seconds)
     if not claimed:
-        return BatchReport(seconds=time.perf_counter() - t_start, stage_seconds=clock.seconds)
+        return _Started(None, [], clock, t_start, BatchReport(seconds=time.perf_counter() - t_start,
+                                                              stage_seconds=clock.seconds))
     b = _Batch(engine, settings, spool, claimed, store.previous_results(db, [j.id for j in claimed]), pmap, spec,
                with_heatmaps=settings.send.heatmap and engine.heatmap is not None)
-    with _Pool(min(batch_threads(settings), len(claimed))) as pool:
-        ready = [r for r in pool.map(functools.partial(_prepare, b, clock), claimed) if isinstance(r, _Ready)]
-        with clock("infer"):
-            scored, per_image_ms = _infer(b, ready)
-        pool.map(functools.partial(_build, b, clock, per_image_ms), scored)
+    ready = [r for r in pool.map(functools.partial(_prepare, b, clock), claimed) if isinstance(r, _Ready)]
+    return _Started(b, ready, clock, t_start)
+
+
+def _finish_batch(db: store.Database, owner: str, audit: audit_log.AuditLog, started: _Started, pool: _Pool,
+                  send: Callable[[], object]) -> BatchReport:
+    """Infer a prepared batch, build its results on the pool, commit, hand the results to ``send``."""
+    b, clock = started.b, started.clock
+    if b is None:
+        assert started.report is not None
+        return started.report
+    with clock("infer"):
+        scored, per_image_ms = _infer(b, started.ready)
+    pool.map(functools.partial(_build, b, clock, per_image_ms), scored)
     b.in_claim_order()
     with clock("store"):
         applied = _commit(db, owner, b)
@@ -267,7 +296,7 @@ def run_batch(
     with clock("send"):
         if b.deliveries:
             send()
-    return _report(audit, b, time.perf_counter() - t_start, clock.seconds)
+    return _report(audit, b, time.perf_counter() - started.t_start, clock.seconds)
 
 
 def _model_rules(engine: Engine, settings: Settings) -> tuple[PriorityMap, imaging.PreprocessSpec]:
@@ -286,7 +315,7 @@ def _prepare(b: _Batch, clock: StageClock, job: store.Claimed) -> _Ready | None:
         ds = _read(b, job, timing)
     if ds is None:
         return None
-    cut = _truncated_element(ds)
+    cut = filters.truncated_element(ds)
     if cut:
         b.end(job, State.SKIPPED, cut, timing)
         return None
@@ -319,7 +348,8 @@ def _read(b: _Batch, job: store.Claimed, timing: dict[str, float]) -> Dataset | 
 
 def _reuse(b: _Batch, job: store.Claimed, ds: Dataset, timing: dict[str, float]) -> bool:
     """True when the job's stored result objects by this model version are sent again as they are."""
-    same = _same_version_result(job, ds, b.previous.get(job.id), b.engine.card, b.spool, b.settings, b.with_heatmaps)
+    same = deliverables.same_version_result(job, ds, b.previous.get(job.id), b.engine.card, b.spool, b.settings,
+                                            b.with_heatmaps)
     if same is None:
         return False
     prev, kept = same
@@ -429,19 +459,19 @@ def _result_objects(
     if b.settings.send.secondary_capture:
         objects.append(("sc", results.build_sc(ds, result)))
     if b.with_heatmaps and maps is not None:
-        hsc = _heatmap_sc(b.engine, ds, result, maps, b.spec, timing if timing is not None else {})
+        hsc = deliverables.heatmap_sc(b.engine, ds, result, maps, b.spec, timing if timing is not None else {})
         if hsc is not None:
             overlay.reference_in_sr(objects[0][1], hsc)
             objects.append(("heatmap", hsc))
     items: list[store.NewDelivery] = []
     for kind, obj in objects:
         rel = Spool.result_relpath_for(str(obj.SOPInstanceUID))
-        b.spool.write(rel, _encode(obj))
+        b.spool.write(rel, deliverables.encode(obj))
         items += [
             store.NewDelivery(d.name, kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), rel)
             for d in destinations if not d.message_based
         ]
-    items += _messages(ds, result, objects[0][1], [d for d in destinations if d.message_based], b.spool)
+    items += deliverables.messages(ds, result, objects[0][1], [d for d in destinations if d.message_based], b.spool)
     return items
 
 
@@ -491,128 +521,6 @@ def _report(audit: audit_log.AuditLog, b: _Batch, seconds: float, stage: dict[st
     return report
 
 
-def _messages(
-    source: Dataset, result: results.TriageResult, sr: Dataset, destinations: list[Destination], spool: Spool
-) -> list[store.NewDelivery]:
-    """One message per HL7 / FHIR destination, written to the spool beside the SR it reports.
-
-    The delivery row names the SR's UID (deterministic, so a re-screen replaces the message) and
-    the message file; the sender transmits the file as it is, so every retry sends the same bytes.
-    """
-    out: list[store.NewDelivery] = []
-    sr_uid = str(sr.SOPInstanceUID)
-    for d in destinations:
-        rel = _message_relpath(sr_uid, d)
-        if d.type == "hl7":
-            from worker import hl7
-
-            data = hl7.build_oru(source, result, d, sr_uid).encode("utf-8")
-        else:
-            from worker import fhir
-
-            data = fhir.build_bundle(source, result, sr_uid)
-        spool.write(rel, data)
-        out.append(store.NewDelivery(d.name, d.type, str(sr.SOPClassUID), sr_uid, rel))
-    return out
-
-
-def _message_relpath(sr_uid: str, dest: Destination) -> str:
-    """Spool path of the HL7 / FHIR message that reports the SR ``sr_uid`` to ``dest``."""
-    stem = Spool.result_relpath_for(sr_uid).removesuffix(".dcm")
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", dest.name)
-    return f"{stem}.{safe}.{'hl7' if dest.type == 'hl7' else 'json'}"
-
-
-def _heatmap_sc(
-    engine: Engine, ds: Dataset, result: results.TriageResult, maps: list[np.ndarray], spec: imaging.PreprocessSpec,
-    timing: dict[str, float],
-) -> Dataset | None:
-    """The heatmap Secondary Capture of one image (worker/heatmap.py, worker/overlay.py), or None
-    with a log line when it cannot be made: a heatmap is an aid, it never costs the image its triage."""
-    t = time.perf_counter()
-    try:
-        assert engine.heatmap is not None
-        shown = heatmap.cam_classes(result.probabilities, result.thresholds, engine.card.classes)
-        cams = heatmap.gradcam(engine.heatmap, maps, [engine.card.classes.index(c) for c in shown], spec.size)
-        timing["heatmap_ms"] = (time.perf_counter() - t) * 1e3
-        return overlay.build_heatmap_sc(ds, result, dict(zip(shown, cams, strict=True)), crop=spec.crop)
-    except Exception as exc:  # noqa: BLE001 - logged; the SR (and banner SC) still go out
-        log.warning("heatmap of %s not made (%s: %s); its SR is sent without one",
-                    ds.get("SOPInstanceUID", "?"), type(exc).__name__, exc)
-        return None
-
-
-def _same_version_result(
-    job: store.Claimed, ds: Dataset, prev: store.PreviousResult | None, card: object, spool: Spool, settings: Settings,
-    with_heatmaps: bool = False,
-) -> tuple[store.PreviousResult, list[store.NewDelivery]] | None:
-    """The deliveries that re-send this job's stored result objects unchanged, when its previous
-    result came from the model screening now (name and version) and every object this node sends
-    (SR, and SC when enabled) is still in the spool; else None (screen and build anew).
-
-    Result UIDs depend on the source and the model version only (results.result_uids), so a new
-    version makes new objects and this one re-sends the objects the PACS already has.
-    """
-    name, version = getattr(card, "name", None), getattr(card, "version", None)
-    if prev is None or (prev.model_name, prev.model_version) != (name, version):
-        return None
-    study = str(ds.get("StudyInstanceUID", "") or "")
-    if not study:
-        return None
-    uids = results.result_uids(job.sop_instance_uid, study, str(name), str(version))
-    kinds = [("sr", str(uids.sr_instance))]
-    if settings.send.secondary_capture:
-        kinds.append(("sc", str(uids.sc_instance)))
-    if with_heatmaps:
-        kinds.append(("heatmap", str(overlay.heatmap_uids(job.sop_instance_uid, study, str(name), str(version))[1])))
-    items: list[store.NewDelivery] = []
-    for kind, uid in kinds:
-        rel = Spool.result_relpath_for(uid)
-        try:
-            stored = dcmread(spool.path(rel), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        except (OSError, ValueError, InvalidDicomError, EOFError, KeyError):
-            return None  # gone (purged) or unreadable: build anew
-        if str(stored.get("SOPInstanceUID", "")) != uid:
-            return None
-        items += [store.NewDelivery(d.name, kind, str(stored.SOPClassUID), uid, rel)
-                  for d in settings.result_destinations if not d.message_based]
-        if kind == "sr":
-            for d in (d for d in settings.result_destinations if d.message_based):
-                msg = _message_relpath(uid, d)
-                if not spool.path(msg).is_file():
-                    return None  # the HL7 / FHIR message was not kept: build anew
-                items.append(store.NewDelivery(d.name, d.type, str(stored.SOPClassUID), uid, msg))
-    return prev, items
-
-
-def _truncated_element(ds: Dataset) -> str | None:
-    """A reason when a top-level element declares more bytes than the object holds.
-
-    pydicom reads such a value to the end of the file without an error, so a forged length
-    (up to 4 GB) or an object cut short would otherwise surface as a misleading "no pixel
-    data" (the element swallowed everything after it). Raw elements only: nothing is decoded.
-    """
-    from pydicom.dataelem import RawDataElement
-
-    for elem in ds.elements():
-        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
-            continue
-        if isinstance(elem.value, (bytes, bytearray)) and len(elem.value) < elem.length:
-            return (
-                f"stored object is truncated: element ({elem.tag.group:04X},{elem.tag.element:04X}) declares "
-                f"{elem.length} bytes but only {len(elem.value)} follow"
-            )
-    return None
-
-
-def _encode(ds: Dataset) -> bytes:
-    """A result object in the DICOM file format (PS3.10), ready for the spool: the bytes of
-    ``ds.save_as(buf, enforce_file_format=True)``.  :func:`worker.results.encode` copies an SR's
-    pre-encoded items instead of encoding them again (several times cheaper); the SCs (pixel
-    data) go through pydicom's writer there."""
-    return results.encode(ds)
-
-
 def drain(
     db: store.Database,
     spool: Spool,
@@ -625,16 +533,51 @@ def drain(
     on_results: Callable[[], None] | None = None,
 ) -> BatchReport:
     """Run batches until the queue is empty (or ``should_stop`` says so); ``on_results`` as in
-    :func:`run_batch`."""
+    :func:`run_batch`.
+
+    With ``batch.threads`` > 1 the next batch is claimed and prepared while the current one is
+    inferred, built, committed and sent (issue 18: the durable writes and commits wait on the
+    disk, the decoders wait on nothing): one batch ahead at most.  When the run stops after a
+    batch (``should_stop``, a storage error), the batch prepared ahead is given back to the queue
+    untouched (``store.release``: its attempt not counted)."""
     total = BatchReport()
-    while True:
-        report = run_batch(db, spool, engine, settings, owner, audit, on_results=on_results)
-        total.add(report)
-        if report.claimed == 0 or (should_stop is not None and should_stop()):
-            return total
-        if report.storage_errors:
-            # Disk full (or failing): the failed jobs went back to the queue with an attempt
-            # spent and the reason kept; retrying them at once would spend the rest. The next
-            # scheduled run tries again (and claims nothing while below the reserve).
-            log.error("%d result object(s) could not be stored; stopping this run", report.storage_errors)
-            return total
+    send = on_results or (lambda: sender.send_due(db, spool, settings, audit=audit))
+    threads = batch_threads(settings)
+    with _Pool(threads) as pool, ThreadPoolExecutor(1, thread_name_prefix="batch-ahead") as ahead:
+        started = _start_batch(db, spool, engine, settings, owner, pool)
+        while True:
+            if started.b is None:  # nothing claimed (empty queue, or the spool below its reserve)
+                assert started.report is not None
+                total.add(started.report)
+                return total
+            following = ahead.submit(_start_batch, db, spool, engine, settings, owner, pool) if threads > 1 else None
+            try:
+                report = _finish_batch(db, owner, audit, started, pool, send)
+            except BaseException:
+                _give_back(db, owner, following)
+                raise
+            total.add(report)
+            stop = should_stop is not None and should_stop()
+            if report.storage_errors:
+                # Disk full (or failing): the failed jobs went back to the queue with an attempt
+                # spent and the reason kept; retrying them at once would spend the rest. The next
+                # scheduled run tries again (and claims nothing while below the reserve).
+                log.error("%d result object(s) could not be stored; stopping this run", report.storage_errors)
+                stop = True
+            started = following.result() if following is not None else _Started(None, [], StageClock(), 0.0)
+            if stop:
+                _give_back(db, owner, started)
+                return total
+            if following is None:
+                started = _start_batch(db, spool, engine, settings, owner, pool)
+
+
+def _give_back(db: store.Database, owner: str, ahead: Future[_Started] | _Started | None) -> None:
+    """Release the jobs of a batch prepared ahead that will not be finished (never raises)."""
+    try:
+        started = ahead.result() if isinstance(ahead, Future) else ahead
+        if started is not None and started.b is not None:
+            store.release(db, owner, [job.id for job in started.b.claimed])
+    except Exception:  # noqa: BLE001 - the leases then expire (batch.lease_seconds) or are reclaimed at start
+        log.exception("could not give back the batch prepared ahead")
+

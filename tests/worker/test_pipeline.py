@@ -464,3 +464,21 @@ def test_threads_change_neither_results_nor_their_order(screening, model_setting
     assert outcomes[0][0] == outcomes[1][0]
     assert outcomes[0][1] == outcomes[1][1] == [d.SOPInstanceUID for d in dss]
     assert outcomes[0][2] == outcomes[1][2] and len(outcomes[0][2]) == len(dss) - 1
+
+
+def test_a_stopped_drain_gives_back_the_batch_it_prepared_ahead(screening, model_settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """drain prepares the next batch while finishing the current one; stopped after the first
+    batch, it gives the second back to the queue untouched (queued, no attempt spent), and a later
+    drain screens it."""
+    node, _run = screening
+    settings = _batch_settings(model_settings, 2)
+    dss = [make_image(rows=64, cols=64, seed=i) for i in range(2 * settings.batch.size)]
+    assert send(dss, node.port) == [0] * len(dss)
+    engine = Engine(settings.model.path)
+    report = pipeline.drain(node.db, node.spool, engine, settings, "w", should_stop=lambda: True)
+    assert report.done == settings.batch.size
+    assert store.counts(node.db) == {"done": settings.batch.size, "queued": settings.batch.size}
+    left = [store.find(node.db, d.SOPInstanceUID) for d in dss[settings.batch.size:]]
+    assert all(r.state == "queued" and r.attempts == 0 and r.lease_owner is None for r in left)
+    assert pipeline.drain(node.db, node.spool, engine, settings, "w").done == settings.batch.size
+    assert store.counts(node.db) == {"done": len(dss)}
