@@ -141,7 +141,7 @@ class SendSettings:
     lease_seconds: int = 120
     timeout: float = 30.0
     #: C-STORE associations open at once per DICOM destination (objects spread over them)
-    associations: int = 2
+    associations: int = 4
 
 
 @dataclass(frozen=True)
