@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backlog-n", type=int, default=96, help="part 8: studies in each backlog")
     p.add_argument("--rounds", type=int, default=1, help="part 8: repeats of each before/after pair")
     p.add_argument("--before", help="part 8: also drain with the node of this git revision, alternating")
+    p.add_argument("--workers", default="1", help="part 8: comma-separated numbers of batch processes, e.g. 1,2")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     if "utilisation" in parts and "all" not in parts:
@@ -480,7 +481,7 @@ def _utilisation_only(args: argparse.Namespace) -> int:
         orthanc = Orthanc(tmp / "orthanc").start()
         try:
             report["utilisation"] = utilisation.run(args.model, files, tmp, orthanc, args.backlog_n, args.before,
-                                                    args.rounds)
+                                                    args.rounds, tuple(int(w) for w in args.workers.split(",")))
         finally:
             orthanc.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,8 +65,8 @@ def _first_claim(data_dir: Path) -> float:
 
 
 def drain_measured(model: Path, backlog: Path, tmp: Path, dest: str, label: str, repo: Path,
-                   orthanc_pid: int | None) -> dict[str, Any]:
-    """One ``batch --once`` process (batch 16) on a copy of ``backlog``, with its CPU measured."""
+                   orthanc_pid: int | None, workers: int = 1) -> dict[str, Any]:
+    """``workers`` ``batch --once`` processes (batch 16) on a copy of ``backlog``, their CPU measured."""
     data_dir = tmp / f"var-util-{label}"
     shutil.copytree(backlog, data_dir, copy_function=lambda a, b: os.link(a, b) if "spool" in a else shutil.copy2(a, b))
     if dest.startswith("folder:"):
@@ -76,15 +76,17 @@ def drain_measured(model: Path, backlog: Path, tmp: Path, dest: str, label: str,
     watch = CpuWatch().start()
     if orthanc_pid is not None:
         watch.watch("orthanc", orthanc_pid)
-    node = run_node(args, {**os.environ, **ENV_FAST}, repo)
-    watch.watch("node", node.pid)
+    nodes = [run_node(args, {**os.environ, **ENV_FAST}, repo) for _ in range(workers)]
+    for i, node in enumerate(nodes):
+        watch.watch(f"node{i}", node.pid)
     peak = 0
-    while node.poll() is None:
-        peak = max(peak, rss_kib(node.pid, "VmHWM"))
+    while any(node.poll() is None for node in nodes):
+        peak = max([peak] + [rss_kib(node.pid, "VmHWM") for node in nodes if node.poll() is None])
         time.sleep(0.05)
     time.sleep(0.1)
     watch.stop()
-    assert node.returncode == 0, node.stderr.read() if node.stderr else node.returncode
+    for node in nodes:
+        assert node.returncode == 0, node.stderr.read() if node.stderr else node.returncode
     out = _results(data_dir, 0.0)
     out.pop("latency_median_s"), out.pop("latency_p95_s")
     start = _first_claim(data_dir)
@@ -98,14 +100,15 @@ def drain_measured(model: Path, backlog: Path, tmp: Path, dest: str, label: str,
     db.close()
     wall = end - start
     n = out["n"]
-    cpu = {name: watch.cpu_seconds(name, start, end) for name in ("node", "orthanc")}
+    cpu = {"node": sum(watch.cpu_seconds(f"node{i}", start, end) for i in range(workers)),
+           "orthanc": watch.cpu_seconds("orthanc", start, end)}
     machine = watch.cpu_seconds("machine", start, end)
     cores = os.cpu_count() or 1
     per_image = sum(cpu.values()) / n
     limit = cores / per_image
     throughput = n / wall
     out.update({
-        "label": label, "images_per_s": round(throughput, 2), "seconds": round(wall, 2),
+        "label": label, "workers": workers, "images_per_s": round(throughput, 2), "seconds": round(wall, 2),
         "cpu_ms_per_image": {k: round(v * 1e3 / n, 1) for k, v in cpu.items()},
         "cpu_limit_images_per_s": round(limit, 2), "ratio_to_cpu_limit": round(throughput / limit, 3),
         "machine_busy_cores": round(machine / wall, 2),
@@ -116,7 +119,7 @@ def drain_measured(model: Path, backlog: Path, tmp: Path, dest: str, label: str,
 
 
 def run(model: Path, files: list[Path], tmp: Path, orthanc: Any, n: int, before: str | None,
-        rounds: int = 1) -> dict[str, Any]:
+        rounds: int = 1, workers: tuple[int, ...] = (1,)) -> dict[str, Any]:
     """Every (code, content, destination) combination, before and after alternating."""
     studies = clone_studies(files, n, tmp / "clones")
     raw = [f for f in studies if f.stem.startswith("raw")]
@@ -131,12 +134,14 @@ def run(model: Path, files: list[Path], tmp: Path, orthanc: Any, n: int, before:
         backlog = fill_backlog(model, group, tmp / f"fill-{content}", dests["orthanc"])
         for dest_name, dest in dests.items():
             for r in range(rounds):
-                for code, repo in repos.items():
-                    label = f"{content}-{dest_name}-{code}-{r}"
-                    print(f"utilisation: {label} ...", flush=True)
-                    res = drain_measured(model, backlog, tmp, dest, label, repo,
-                                         orthanc.proc.pid if dest_name == "orthanc" else None)
-                    out["runs"].append({"content": content, "destination": dest_name, "code": code, **res})
+                for w in workers:
+                    for code, repo in repos.items():
+                        label = f"{content}-{dest_name}-{code}-{w}w-{r}"
+                        print(f"utilisation: {label} ...", flush=True)
+                        res = drain_measured(model, backlog, tmp, dest, label, repo,
+                                             orthanc.proc.pid if dest_name == "orthanc" else None, w)
+                        out["runs"].append({"content": content, "destination": dest_name, "code": f"{code}, {w} process"
+                                            + ("es" if w > 1 else ""), **res})
     return out
 
 
@@ -146,7 +151,7 @@ def table(u: dict[str, Any]) -> list[str]:
             "other processes (cores) | stage medians ms (read, decode, preprocess, infer, build) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     keys = sorted({(r["content"], r["destination"], r["code"]) for r in u["runs"]},
-                  key=lambda k: (k[0] != "uncompressed", k[1], k[2] != "before"))
+                  key=lambda k: (k[0] != "uncompressed", k[1], not k[2].startswith("before"), k[2]))
     for key in keys:
         rs = [r for r in u["runs"] if (r["content"], r["destination"], r["code"]) == key]
 
