@@ -162,6 +162,10 @@ def _experiment(path: Path, out: Path, prefix: str) -> tuple[list[str], dict]:
         complete = [k for k in folds if all(k in runs[m] for m in models)]
         L.append(f"Folds complete for every model: {len(complete)} of {cfg['cv']['folds']} ({', '.join(str(k + 1) for k in complete)}).")
         L.append("")
+        from .crossval import sections
+
+        extra, summary["cv"] = sections(path, exp, models)
+        L += extra
         acc: dict[str, dict[int, float]] = {m: {} for m in models}
         auc: dict[str, dict[str, list]] = {m: {c: [] for c in classes} for m in models}
         oof: dict[str, dict] = {}
