@@ -103,7 +103,7 @@ def sections(path: Path, exp: dict[str, Any], models: Sequence[str]) -> tuple[li
                for m in wanted}
     L += ["### Completion", ""]
     L.append(f"Finished: {len(runs)} of {len(folds) * len(wanted)} runs "
-             f"({', '.join(f'{m} fold {k}' for m, k in sorted(runs, key=lambda x: (x[1], wanted.index(x[0]) if x[0] in wanted else 9)))})."
+             f"({', '.join(f'`{m}/fold-{k}`' for m, k in sorted(runs, key=lambda x: (x[1], wanted.index(x[0]) if x[0] in wanted else 9)))})."
              if runs else "Finished: none yet.")
     if remaining:
         est = sum(epoch_s[m] * int(t["epochs"]) for m, _k in remaining if epoch_s.get(m))
