@@ -280,11 +280,16 @@ def fill_backlog(model: Path, files: list[Path], tmp: Path, dest: str) -> Path:
     return data_dir
 
 
+def copy_backlog(backlog: Path, data_dir: Path) -> None:
+    """A copy of a filled data folder to drain; the spool is read-only to the pipeline, so hard
+    links instead of copies of 10 MB images."""
+    shutil.copytree(backlog, data_dir, copy_function=lambda a, b: os.link(a, b) if "spool" in a else shutil.copy2(a, b))
+
+
 def drain(model: Path, backlog: Path, tmp: Path, dest: str, workers: int, batch_size: int) -> dict[str, Any]:
     """``workers`` concurrent ``batch --once`` processes on a copy of the backlog."""
     data_dir = tmp / f"var-drain-{workers}x{batch_size}"
-    # the spool is read-only to the pipeline: hard links instead of copies of 10 MB images
-    shutil.copytree(backlog, data_dir, copy_function=lambda a, b: os.link(a, b) if "spool" in a else shutil.copy2(a, b))
+    copy_backlog(backlog, data_dir)
     env = {**os.environ, **ENV_FAST}
     args = ["batch", "--once", "--data-dir", str(data_dir), "--model", str(model), "--destination", dest,
             "--batch-size", str(batch_size)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import statistics
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cpuwatch import CpuWatch
-from e2e import ENV_FAST, REPO, _results, fill_backlog, rss_kib, run_node
+from e2e import ENV_FAST, REPO, _results, copy_backlog, fill_backlog, rss_kib, run_node
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -68,7 +67,7 @@ def drain_measured(model: Path, backlog: Path, tmp: Path, dest: str, label: str,
                    orthanc_pid: int | None, workers: int = 1) -> dict[str, Any]:
     """``workers`` ``batch --once`` processes (batch 16) on a copy of ``backlog``, their CPU measured."""
     data_dir = tmp / f"var-util-{label}"
-    shutil.copytree(backlog, data_dir, copy_function=lambda a, b: os.link(a, b) if "spool" in a else shutil.copy2(a, b))
+    copy_backlog(backlog, data_dir)
     if dest.startswith("folder:"):
         dest = f"folder:{tmp / ('results-' + label)}"
     args = ["batch", "--once", "--data-dir", str(data_dir), "--model", str(model), "--destination", dest,
@@ -122,8 +121,7 @@ def run(model: Path, files: list[Path], tmp: Path, orthanc: Any, n: int, before:
         rounds: int = 1, workers: tuple[int, ...] = (1,)) -> dict[str, Any]:
     """Every (code, content, destination) combination, before and after alternating."""
     studies = clone_studies(files, n, tmp / "clones")
-    raw = [f for f in studies if f.stem.startswith("raw")]
-    raw_all = clone_studies(raw, n, tmp / "clones-raw")
+    raw_all = clone_studies([f for f in files if f.stem.startswith("raw")], n, tmp / "clones-raw")
     repos = {"after": REPO}
     if before:
         repos = {"before": checkout(before, tmp), "after": REPO}

@@ -17,7 +17,6 @@ alone (training.publication):
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .compare import SOURCE_CHECK_MAX, source_check
+from .compare import SOURCE_CHECK_MAX, _accuracy, _predictions, source_check
 from .evaluate import find_runs
 
 __all__ = ["sections", "mean_ci"]
@@ -45,10 +44,7 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float 
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return _predictions(path) if path.is_file() else []
 
 
 def _history(run: Path) -> list[dict[str, Any]]:
@@ -58,10 +54,6 @@ def _history(run: Path) -> list[dict[str, Any]]:
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.1f}"
-
-
-def _acc(rows: Sequence[dict[str, str]]) -> float | None:
-    return float(np.mean([r["label"] == r["pred"] for r in rows])) if rows else None
 
 
 def _ensemble(per_fold: Sequence[list[dict[str, str]]]) -> list[dict[str, str]]:
@@ -181,7 +173,7 @@ def sections(path: Path, exp: dict[str, Any], models: Sequence[str]) -> tuple[li
         oof = [r for d in done for r in _rows(d / "predictions_test.csv")]
         held = _ensemble([_rows(d / "predictions_holdout.csv") for d in done if (d / "predictions_holdout.csv").is_file()])
         sc_oof, sc_hold = source_check(oof), source_check(held) if held else None
-        per = {s: _acc([r for r in oof if sources.get(r["file"], "unknown") == s]) for s in names}
+        per = {s: _accuracy([r for r in oof if sources.get(r["file"], "unknown") == s]) for s in names}
         L.append(f"| {m} | {len(oof)} out of fold, {len(held)} test | {'n/a' if sc_oof is None else f'{sc_oof:.3f}'} | "
                  f"{'n/a' if sc_hold is None else f'{sc_hold:.3f}'} | " + " | ".join(_pct(per[s]) for s in names) + " |")
         summary["sources"][m] = {"source_check_out_of_fold": sc_oof, "source_check_test_ensemble": sc_hold,

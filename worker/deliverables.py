@@ -1,10 +1,9 @@
-"""What a screened image leaves behind besides its row: the result objects' bytes and files.
+"""What a screened image leaves besides its row: messages, the heatmap SC, re-sent objects.
 
-The batch pipeline (worker/pipeline.py) builds an SR (and an SC, a heatmap SC) per image and
-hands them here to be encoded for the spool (PS3.10 file format), the HL7 / FHIR messages that
-report the SR, the heatmap Secondary Capture, and, for a re-screened image, the deliveries that
-send its stored objects again unchanged when they came from the same model version (result UIDs
-are deterministic, worker/results/common.py).
+The batch pipeline (worker/pipeline.py) builds an SR (and an SC) per image; here are the HL7 /
+FHIR messages that report the SR, the heatmap Secondary Capture, and, for a re-screened image,
+the deliveries that send its stored objects again unchanged when they came from the same model
+version (result UIDs are deterministic, worker/results/common.py).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from worker.engine import Engine
 from worker.settings import Destination, Settings
 from worker.spool import Spool
 
-__all__ = ["encode", "heatmap_sc", "message_relpath", "messages", "same_version_result"]
+__all__ = ["heatmap_sc", "message_relpath", "messages", "same_version_result"]
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +116,3 @@ def same_version_result(
                     return None  # the HL7 / FHIR message was not kept: build anew
                 items.append(store.NewDelivery(d.name, d.type, str(stored.SOPClassUID), uid, msg))
     return prev, items
-
-def encode(ds: Dataset) -> bytes:
-    """A result object in the DICOM file format (PS3.10), ready for the spool: the bytes of
-    ``ds.save_as(buf, enforce_file_format=True)``.  :func:`worker.results.encode` copies an SR's
-    pre-encoded items instead of encoding them again (several times cheaper); the SCs (pixel
-    data) go through pydicom's writer there."""
-    return results.encode(ds)

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from pydicom import dcmread
@@ -53,6 +54,9 @@ from worker.spool import Spool, SpoolError
 from worker.store import Outcome, State
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 #: Lease owners made by this process (never reclaimed as a dead process's, even where an earlier
@@ -157,7 +161,7 @@ class _Pool:
     def __init__(self, threads: int) -> None:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="batch") if threads > 1 else None
 
-    def map(self, fn: Callable[..., object], items: Iterable[object]) -> list[object]:
+    def map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
         if self._executor is None:
             return [fn(item) for item in items]
         return list(self._executor.map(fn, items))
@@ -275,7 +279,7 @@ def _start_batch(db: store.Database, spool: Spool, engine: Engine, settings: Set
                                                               stage_seconds=clock.seconds))
     b = _Batch(engine, settings, spool, claimed, store.previous_results(db, [j.id for j in claimed]), pmap, spec,
                with_heatmaps=settings.send.heatmap and engine.heatmap is not None)
-    ready = [r for r in pool.map(functools.partial(_prepare, b, clock), claimed) if isinstance(r, _Ready)]
+    ready = [r for r in pool.map(functools.partial(_prepare, b, clock), claimed) if r is not None]
     return _Started(b, ready, clock, t_start)
 
 
@@ -466,7 +470,7 @@ def _result_objects(
     items: list[store.NewDelivery] = []
     for kind, obj in objects:
         rel = Spool.result_relpath_for(str(obj.SOPInstanceUID))
-        b.spool.write(rel, deliverables.encode(obj))
+        b.spool.write(rel, results.encode(obj))
         items += [
             store.NewDelivery(d.name, kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), rel)
             for d in destinations if not d.message_based
@@ -564,19 +568,20 @@ def drain(
                 # scheduled run tries again (and claims nothing while below the reserve).
                 log.error("%d result object(s) could not be stored; stopping this run", report.storage_errors)
                 stop = True
-            started = following.result() if following is not None else _Started(None, [], StageClock(), 0.0)
             if stop:
-                _give_back(db, owner, started)
+                _give_back(db, owner, following)
                 return total
-            if following is None:
-                started = _start_batch(db, spool, engine, settings, owner, pool)
+            started = following.result() if following is not None else _start_batch(db, spool, engine, settings, owner,
+                                                                                     pool)
 
 
-def _give_back(db: store.Database, owner: str, ahead: Future[_Started] | _Started | None) -> None:
+def _give_back(db: store.Database, owner: str, ahead: Future[_Started] | None) -> None:
     """Release the jobs of a batch prepared ahead that will not be finished (never raises)."""
+    if ahead is None:
+        return
     try:
-        started = ahead.result() if isinstance(ahead, Future) else ahead
-        if started is not None and started.b is not None:
+        started = ahead.result()
+        if started.b is not None:
             store.release(db, owner, [job.id for job in started.b.claimed])
     except Exception:  # noqa: BLE001 - the leases then expire (batch.lease_seconds) or are reclaimed at start
         log.exception("could not give back the batch prepared ahead")

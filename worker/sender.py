@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -95,11 +96,10 @@ def _stored_file(spool: Spool, relpath: str) -> Path:
     and "DICM") with a File Meta Information header that names its SOP class, instance and
     transfer syntax, which a C-STORE from the file needs; raises ValueError or OSError otherwise."""
     path = spool.path(relpath)
-    with open(path, "rb") as f:
-        head = f.read(132)
-    if len(head) < 132 or head[128:] != b"DICM":
-        raise ValueError(f"{relpath} is not a DICOM file")
-    meta = read_file_meta_info(path)
+    try:
+        meta = read_file_meta_info(path)  # checks the preamble and "DICM" first
+    except InvalidDicomError:
+        raise ValueError(f"{relpath} is not a DICOM file") from None
     missing = [kw for kw in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
                if kw not in meta]
     if missing:
